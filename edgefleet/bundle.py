@@ -21,9 +21,9 @@ the manifest bytes (before interpreting them); manifest structure; expiry;
 target; rollback; then streams each payload through sha256 (and a bounded zstd
 decoder) into the caller's sink. It never reads more than the declared sizes
 plus one tar record, and never decompresses past a declared size. A sink may
-receive bytes of a payload that later fails its hash check: the sink must treat
-data as untrusted until ``end`` is called (the agent writes into the inactive
-slot only).
+receive bytes of a payload that later fails a check: it must treat data as
+untrusted until ``end``, which comes only after the whole bundle verified (the
+agent writes into the inactive slot only).
 """
 
 from __future__ import annotations
@@ -120,13 +120,18 @@ class PayloadSink(Protocol):
     """Receives payload bytes while they are verified."""
 
     def begin(self, entry: PayloadEntry) -> None:
-        """A payload starts; bytes that follow are untrusted until ``end``."""
+        """A payload starts; the ``write`` calls that follow belong to it."""
 
     def write(self, data: bytes | memoryview) -> None:
-        """Decompressed payload bytes, in order."""
+        """Decompressed payload bytes, in order; untrusted until ``end``."""
 
     def end(self, entry: PayloadEntry) -> None:
-        """The payload matched its size and hashes."""
+        """The whole bundle verified: ``entry``'s bytes are trusted.
+
+        Called once per payload, in manifest order, after the last payload and
+        the end of the archive were checked; so for a multi-payload bundle
+        every ``begin`` comes before the first ``end``.
+        """
 
 
 class NullSink:
@@ -147,19 +152,18 @@ class MemorySink:
     """Keeps verified payloads in memory, keyed by payload path."""
 
     files: dict[str, bytes] = field(default_factory=dict)
-    _buf: io.BytesIO | None = None
+    _pending: dict[str, io.BytesIO] = field(default_factory=dict)
+    _current: io.BytesIO | None = None
 
     def begin(self, entry: PayloadEntry) -> None:
-        self._buf = io.BytesIO()
+        self._current = self._pending[entry.path] = io.BytesIO()
 
     def write(self, data: bytes | memoryview) -> None:
-        assert self._buf is not None
-        self._buf.write(data)
+        assert self._current is not None
+        self._current.write(data)
 
     def end(self, entry: PayloadEntry) -> None:
-        assert self._buf is not None
-        self.files[entry.path] = self._buf.getvalue()
-        self._buf = None
+        self.files[entry.path] = self._pending.pop(entry.path).getvalue()
 
 
 @dataclass(frozen=True)
@@ -316,7 +320,8 @@ class _MemberStream:
         self.remaining = size
         self._hasher = hasher
 
-    def read(self, n: int = -1) -> bytes:
+    def read(self, n: int = -1) -> bytes | memoryview:
+        # A memoryview over an in-memory bundle is passed on without a copy.
         if n < 0 or n > self.remaining:
             n = self.remaining
         if n == 0:
@@ -326,7 +331,7 @@ class _MemberStream:
             raise LengthMismatchError("bundle: payload member is truncated")
         self._hasher.update(data)
         self.remaining -= n
-        return bytes(data)
+        return data
 
     def drain(self, chunk: int) -> None:
         while self.remaining:
@@ -367,7 +372,7 @@ def _skip_padding(reader: _Reader, size: int, name: str) -> None:
 
 def _parse_signature_member(data: bytes) -> tuple[Signature, ...]:
     try:
-        doc = canonical.decode_strict(data, require_canonical=False)
+        doc = canonical.decode_strict(data)
     except canonical.CanonicalError as exc:
         raise MalformedBundleError(f"bundle: signatures.json: {exc}") from exc
     if set(doc) != {"signatures"}:
@@ -427,7 +432,6 @@ def _stream_payload(
     else:
         _decode_zstd(member, entry, stored_hash, sink, lim)
     _skip_padding(reader, entry.size, entry.member_name)
-    sink.end(entry)
 
 
 def _decode_zstd(
@@ -553,6 +557,9 @@ def verify_bundle(
         _, _, stored = _read_member(reader, entry.member_name, 0, seen)
         _stream_payload(reader, entry, stored, sink, lim)
     _check_trailer(reader)
+    # Only now is every byte of the bundle accounted for: release the payloads.
+    for entry in manifest.payload:
+        sink.end(entry)
     return VerifiedBundle(
         manifest, header.manifest_bytes, header.signatures, frozenset(signed_by), reader.offset
     )

@@ -99,6 +99,9 @@ def parse_signatures(value: Any, *, error: type[VerificationError]) -> list[Sign
             raw = base64.b64decode(sig, validate=True)
         except (binascii.Error, ValueError) as exc:
             raise error(f"signature by {keyid[:12]} is not base64") from exc
+        # One spelling per signature: unused bits must be zero (no malleable encodings).
+        if base64.b64encode(raw).decode("ascii") != sig:
+            raise error(f"signature by {keyid[:12]} is not canonical base64")
         out.append(Signature(keyid, raw))
     return out
 

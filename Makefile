@@ -1,0 +1,65 @@
+# edgefleet: the two commands a newcomer needs are `make demo` and `make test`.
+# Both create .venv when it is absent and install what they need into it.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-all
+# Command-line tools the test suite drives for real (broker, bundle verification by hand).
+TOOLS  := mosquitto openssl zstd tar sha256sum base64
+DEBPKG := mosquitto openssl zstd tar coreutils
+
+.PHONY: help setup tools test demo lint format bench reliability clean
+
+help:
+	@echo "make demo         set up and run the end-to-end demo"
+	@echo "make test         set up and run the whole test suite"
+	@echo "make lint         ruff + mypy"
+	@echo "make bench        run every benchmark (prints ratios against in-run baselines)"
+	@echo "make reliability  long fault campaigns (hundreds of power cuts)"
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[all]'
+	@touch $(STAMP)
+
+setup: $(STAMP)
+
+# Tools the tests start or call. Installed from Debian's packages when running as
+# root (CI, fresh machines); otherwise we stop and say what to install.
+tools:
+	@missing=""; for t in $(TOOLS); do \
+	  command -v $$t >/dev/null 2>&1 || test -x /usr/sbin/$$t || missing="$$missing $$t"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing:$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(DEBPKG) >/dev/null; \
+	  else \
+	    echo "make test needs:$$missing (Debian/Ubuntu: sudo apt-get install $(DEBPKG))" >&2; exit 1; \
+	  fi; \
+	fi
+
+test: setup tools
+	$(BIN)/python -m pytest
+
+demo: setup tools
+	bash examples/demo.sh
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy edgefleet agent server compression firmware_sim
+
+format: setup
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+bench: setup tools
+	@for b in benchmarks/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+reliability: setup tools
+	$(BIN)/python benchmarks/reliability.py --runs 300
+
+clean:
+	rm -rf $(VENV) .demo .pytest_cache .mypy_cache .ruff_cache .hypothesis
