@@ -11,27 +11,13 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from edgefleet.console import console, emit, emit_error, kv_table
+from edgefleet.console import console, emit, emit_error, kv_table, non_negative_int, positive_int
 from edgefleet.errors import EdgefleetError
 from edgefleet.keys import KeyFileError, load_signing_key
 from edgefleet.manifest import DeviceFacts
 from edgefleet.timeutil import format_utc, parse_utc, utcnow
 
 __all__ = ["add_bundle_parser"]
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
-    return value
-
-
-def _non_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text} is negative")
-    return value
 
 
 def add_bundle_parser(sub: argparse._SubParsersAction) -> None:
@@ -48,7 +34,9 @@ def add_bundle_parser(sub: argparse._SubParsersAction) -> None:
     )
     b.add_argument("model", type=Path, metavar="MODEL.onnx")
     b.add_argument("--name", required=True, help="model name (lowercase, digits, ._-)")
-    b.add_argument("--version", required=True, type=_positive, help="integer, strictly increasing")
+    b.add_argument(
+        "--version", required=True, type=positive_int, help="integer, strictly increasing"
+    )
     b.add_argument("--key", action="append", type=Path, default=[],
                    help="release private key; repeat for m-of-n (or --unsigned)")  # fmt: skip
     b.add_argument("--unsigned", action="store_true", help="build without signatures (sign later)")
@@ -58,7 +46,9 @@ def add_bundle_parser(sub: argparse._SubParsersAction) -> None:
     b.add_argument(
         "--arch", action="append", default=[], help="allowed CPU arch (uname -m); repeatable"
     )
-    b.add_argument("--expires-in", type=_positive, default=90, metavar="DAYS", help="lifetime (90)")
+    b.add_argument(
+        "--expires-in", type=positive_int, default=90, metavar="DAYS", help="lifetime (90)"
+    )
     b.add_argument("--min-agent-version", default="0.1.0")
     b.add_argument(
         "--min-onnxruntime-version", default=None, help="default: from the model's opset"
@@ -95,7 +85,7 @@ def add_bundle_parser(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--arch", default=None, help="check the target CPU arch ('host' = this machine)")
     v.add_argument("--agent-version", default=None)
     v.add_argument("--onnxruntime-version", default=None)
-    v.add_argument("--installed-version", type=_non_negative, default=0,
+    v.add_argument("--installed-version", type=non_negative_int, default=0,
                    help="version of this model already installed (rollback check)")  # fmt: skip
     v.add_argument(
         "--now", default=None, help="check expiry at this UTC time (YYYY-MM-DDTHH:MM:SSZ)"

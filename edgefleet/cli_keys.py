@@ -8,27 +8,13 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from edgefleet.console import console, emit, emit_error
+from edgefleet.console import console, emit, emit_error, non_negative_int, positive_int
 from edgefleet.errors import EdgefleetError
 from edgefleet.keys import KeyFileError
 from edgefleet.keystore import KeyStore, KeyStoreError
 from edgefleet.trust import TrustRoot
 
 __all__ = ["add_keys_parser"]
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
-    return value
-
-
-def _non_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text} is negative")
-    return value
 
 
 def add_keys_parser(sub: argparse._SubParsersAction) -> None:
@@ -38,17 +24,20 @@ def add_keys_parser(sub: argparse._SubParsersAction) -> None:
 
     init = ksub.add_parser("init", help="create keys and trust root v1 in a new directory")
     init.add_argument("--dir", required=True, type=Path, help="key directory (must hold no keys)")
-    init.add_argument("--root-keys", type=_positive, default=1, help="number of root keys (1)")
+    init.add_argument("--root-keys", type=positive_int, default=1, help="number of root keys (1)")
     init.add_argument(
-        "--root-threshold", type=_positive, default=1, help="root signatures needed (1)"
+        "--root-threshold", type=positive_int, default=1, help="root signatures needed (1)"
     )
     init.add_argument(
-        "--release-keys", type=_positive, default=1, help="number of release keys (1)"
+        "--release-keys", type=positive_int, default=1, help="number of release keys (1)"
     )
     init.add_argument(
-        "--release-threshold", type=_positive, default=1, help="release signatures per bundle (1)"
+        "--release-threshold",
+        type=positive_int,
+        default=1,
+        help="release signatures per bundle (1)",
     )
-    init.add_argument("--expires-in", type=_positive, default=3650, metavar="DAYS",
+    init.add_argument("--expires-in", type=positive_int, default=3650, metavar="DAYS",
                       help="trust root lifetime in days (3650)")  # fmt: skip
     init.add_argument("--json", action="store_true", help="print one JSON object")
     init.set_defaults(func=_run_init)
@@ -59,13 +48,13 @@ def add_keys_parser(sub: argparse._SubParsersAction) -> None:
     )
     rot.add_argument("--dir", required=True, type=Path)
     for role in ("root", "release", "director"):
-        rot.add_argument(f"--add-{role}", type=_non_negative, default=0, metavar="N",
+        rot.add_argument(f"--add-{role}", type=non_negative_int, default=0, metavar="N",
                          help=f"generate N new {role} keys")  # fmt: skip
-        rot.add_argument(f"--{role}-threshold", type=_positive, default=None, metavar="M",
+        rot.add_argument(f"--{role}-threshold", type=positive_int, default=None, metavar="M",
                          help=f"new {role} threshold")  # fmt: skip
     rot.add_argument("--remove", action="append", default=[], metavar="KEYID",
                      help="drop a key (id or 8+ digit prefix); repeatable")  # fmt: skip
-    rot.add_argument("--expires-in", type=_positive, default=3650, metavar="DAYS")
+    rot.add_argument("--expires-in", type=positive_int, default=3650, metavar="DAYS")
     rot.add_argument("--json", action="store_true")
     rot.set_defaults(func=_run_rotate)
 
@@ -75,9 +64,9 @@ def add_keys_parser(sub: argparse._SubParsersAction) -> None:
     rev.add_argument("keyid", help="key id or a prefix of at least 8 hex digits")
     rev.add_argument("--dir", required=True, type=Path)
     for role in ("root", "release", "director"):
-        rev.add_argument(f"--{role}-threshold", type=_positive, default=None, metavar="M",
+        rev.add_argument(f"--{role}-threshold", type=positive_int, default=None, metavar="M",
                          help=f"new {role} threshold if the old one is unreachable")  # fmt: skip
-    rev.add_argument("--expires-in", type=_positive, default=3650, metavar="DAYS")
+    rev.add_argument("--expires-in", type=positive_int, default=3650, metavar="DAYS")
     rev.add_argument("--json", action="store_true")
     rev.set_defaults(func=_run_revoke)
 

@@ -27,6 +27,13 @@ def test_tools_present():
     assert not missing, f"install {missing} (make test installs them on Debian)"
 
 
+def openssl_verify(work: Path) -> subprocess.CompletedProcess[str]:
+    """Step 2 of the hand check: Ed25519 over manifest.json's raw bytes."""
+    args = ["openssl", "pkeyutl", "-verify", "-pubin", "-inkey", "key.der", "-keyform", "DER"]
+    args += ["-rawin", "-in", "manifest.json", "-sigfile", "sig.bin"]
+    return sh(*args, cwd=work, check=False)
+
+
 @pytest.mark.parametrize("compression", ["none", "zstd"])
 def test_bundle_verifies_with_sha256sum_and_openssl(tmp_path, keydir, compression):
     model = tmp_path / "model.onnx"
@@ -73,23 +80,7 @@ def test_bundle_verifies_with_sha256sum_and_openssl(tmp_path, keydir, compressio
     # 3. The signature covers manifest.json's bytes exactly as stored.
     (work / "sig.b64").write_text(sigs[0]["sig"])
     sh("sh", "-c", "base64 -d sig.b64 > sig.bin", cwd=work)
-    ok = sh(
-        "openssl",
-        "pkeyutl",
-        "-verify",
-        "-pubin",
-        "-inkey",
-        "key.der",
-        "-keyform",
-        "DER",
-        "-rawin",
-        "-in",
-        "manifest.json",
-        "-sigfile",
-        "sig.bin",
-        cwd=work,
-        check=False,
-    )
+    ok = openssl_verify(work)
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert "Signature Verified Successfully" in ok.stdout
     # 4. The manifest covers the payload by hash and size.
@@ -108,21 +99,5 @@ def test_bundle_verifies_with_sha256sum_and_openssl(tmp_path, keydir, compressio
     (work / "manifest.json").write_bytes(
         (work / "manifest.json").read_bytes().replace(b'"version":4', b'"version":5')
     )
-    bad = sh(
-        "openssl",
-        "pkeyutl",
-        "-verify",
-        "-pubin",
-        "-inkey",
-        "key.der",
-        "-keyform",
-        "DER",
-        "-rawin",
-        "-in",
-        "manifest.json",
-        "-sigfile",
-        "sig.bin",
-        cwd=work,
-        check=False,
-    )
+    bad = openssl_verify(work)
     assert bad.returncode != 0
