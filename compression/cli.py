@@ -218,7 +218,11 @@ def _print_table(rows: Sequence[dict[str, Any]], chosen: str | None) -> None:
             _fmt(row["latency_p50_ms"], 3),
             verdict,
         )
-    Console(soft_wrap=True).print(table)
+    console = Console()
+    if not console.is_terminal:
+        # Piped output: rich would squeeze the table to 80 columns.
+        console = Console(width=160)
+    console.print(table)
 
 
 def _print_summary(report: dict[str, Any], model_path: str) -> None:

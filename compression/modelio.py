@@ -283,7 +283,7 @@ def module_for_export(
         module = copy.deepcopy(loaded.module)
     else:
         raise ExportError(f"{loaded.kind.value} models have no torch module")
-    module.eval()
+    set_training(module, False)
     try:
         with torch.no_grad():
             module(*example_inputs)
@@ -293,6 +293,18 @@ def module_for_export(
             f"the model rejects CALIB rows of shape(s) {shapes}: {_first_line(str(exc))}"
         ) from exc
     return module
+
+
+def set_training(module: torch.nn.Module, training: bool) -> None:
+    """Switch train/eval mode where the module allows it.
+
+    The ``GraphModule`` of an exported program refuses ``train()``/``eval()``:
+    its graph was captured in one mode already, so there is nothing to switch.
+    """
+    try:
+        module.train(training)
+    except NotImplementedError:
+        pass
 
 
 def _promote_weight_buffers(module: torch.nn.Module) -> None:

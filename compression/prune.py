@@ -29,6 +29,7 @@ from onnx import numpy_helper
 from torch.nn.utils import prune
 
 from compression.config import GlobalMagnitudePruning, PruneConfig
+from compression.modelio import set_training
 
 FineTune = Callable[[torch.nn.Module], None]
 
@@ -215,7 +216,7 @@ def prune_module(
         config: Pruning method and amount.
         example_inputs: Example tensors, to order the layers.
         fine_tune: Optional callback that trains ``module`` for a while; it
-            receives the module in train mode and must leave it usable.
+            receives the module in train mode (where the module has modes).
 
     Returns:
         Measured sparsity of the pruned tensors.
@@ -237,11 +238,11 @@ def prune_module(
 
         handle = module.register_forward_pre_hook(reapply)
         try:
-            module.train()
+            set_training(module, True)
             fine_tune(module)
         finally:
             handle.remove()
-            module.eval()
+            set_training(module, False)
     for t in masked:
         prune.remove(t.owner, t.attr)
     return _measure(targets, config, skipped)
