@@ -26,7 +26,7 @@ import re
 import warnings
 import zipfile
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -301,10 +301,8 @@ def set_training(module: torch.nn.Module, training: bool) -> None:
     The ``GraphModule`` of an exported program refuses ``train()``/``eval()``:
     its graph was captured in one mode already, so there is nothing to switch.
     """
-    try:
+    with suppress(NotImplementedError):
         module.train(training)
-    except NotImplementedError:
-        pass
 
 
 def _promote_weight_buffers(module: torch.nn.Module) -> None:

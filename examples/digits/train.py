@@ -16,6 +16,7 @@ Run: ``python examples/digits/train.py --out DIR``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 from dataclasses import dataclass
@@ -66,10 +67,8 @@ class DigitsCNN(torch.nn.Module):
 
 def set_training(model: torch.nn.Module, training: bool) -> None:
     """Switch train/eval mode; an exported program's GraphModule has no modes."""
-    try:
+    with contextlib.suppress(NotImplementedError):
         model.train(training)
-    except NotImplementedError:
-        pass
 
 
 def fit(

@@ -18,6 +18,8 @@ Run: ``python examples/fraud/train.py --out DIR``
 from __future__ import annotations
 
 import argparse
+import contextlib
+import itertools
 import json
 import time
 from dataclasses import dataclass
@@ -129,7 +131,7 @@ class FraudMLP(torch.nn.Module):
         self.register_buffer("std", torch.as_tensor(std, dtype=torch.float32))
         dims = (len(mean), *hidden)
         self.hidden = torch.nn.ModuleList(
-            torch.nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:], strict=True)
+            torch.nn.Linear(a, b) for a, b in itertools.pairwise(dims)
         )
         self.head = torch.nn.Linear(dims[-1], 2)
 
@@ -149,10 +151,8 @@ def seed_everything(seed: int = SEED) -> None:
 
 def set_training(model: torch.nn.Module, training: bool) -> None:
     """Switch train/eval mode; an exported program's GraphModule has no modes."""
-    try:
+    with contextlib.suppress(NotImplementedError):
         model.train(training)
-    except NotImplementedError:
-        pass
 
 
 def fit(
