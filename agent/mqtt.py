@@ -1,0 +1,539 @@
+"""The agent's MQTT connection: paho-mqtt 2.x behind a small, typed wrapper.
+
+Flow: ``MqttConnection.start()`` runs one network thread that owns an explicit
+reconnection loop: open the socket and send CONNECT (MQTT 5, ``clean_start``
+false, a session expiry interval, the retained ``offline`` last will), pump
+``paho.Client.loop()``, and on any failure sleep an exponential backoff with
+full jitter before trying again. Callers publish from any thread; incoming
+messages and PUBACKs are handed to the callbacks given at construction, on the
+network thread (handlers must be quick: the daemon queues the work).
+
+Guarantees:
+
+* Every paho or OS failure is converted here into a ``MqttError`` subclass of
+  ``edgefleet.errors.TransportError`` (``raise ... from``); nothing from paho
+  escapes. The last connection failure is kept in ``last_error``.
+* Subscriptions are recorded and re-sent on every successful CONNACK, so they
+  survive a broker that lost the session.
+* QoS 1 messages published while disconnected are queued by paho and re-sent
+  after reconnecting (same packet id); ``on_ack`` is called exactly once per
+  acknowledged publish with the MQTT 5 PUBACK reason code, even when the
+  PUBACK races the return of ``publish``.
+* The broker keeps the session (subscriptions, queued QoS 1 messages) for
+  ``session_expiry_s`` while the agent is away, including across broker
+  restarts when the broker persists sessions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from edgefleet.errors import TransportError
+
+__all__ = [
+    "BrokerUnavailableError",
+    "ConnectionRefusedByBrokerError",
+    "MqttConnection",
+    "MqttError",
+    "MqttOptions",
+    "NotAuthorizedError",
+    "NotConnectedError",
+    "PublishError",
+    "PublishResult",
+    "TlsError",
+    "TlsOptions",
+    "Will",
+]
+
+log = logging.getLogger(__name__)
+
+# PUBACK reason codes after which re-sending the same message cannot succeed.
+PERMANENT_PUBACK_CODES = frozenset(
+    {
+        0x83,  # implementation specific error
+        0x87,  # not authorized
+        0x90,  # topic name invalid
+        0x95,  # packet too large
+        0x99,  # payload format invalid
+    }
+)
+_AUTH_CONNACK_CODES = frozenset({0x86, 0x87, 0x8C})  # bad user/password, not authorized, bad auth
+
+
+class MqttError(TransportError):
+    """Root of the MQTT transport failures (all are ``TransportError``)."""
+
+
+class BrokerUnavailableError(MqttError):
+    """No connection could be opened (refused, unreachable, DNS, timeout)."""
+
+
+class ConnectionRefusedByBrokerError(MqttError):
+    """The broker answered CONNECT with a failure reason code."""
+
+
+class NotAuthorizedError(ConnectionRefusedByBrokerError):
+    """The broker refused the credentials (bad username/password, not authorized)."""
+
+
+class TlsError(MqttError):
+    """TLS could not be configured (missing/invalid CA, certificate or key file)."""
+
+
+class NotConnectedError(MqttError):
+    """The operation needs a live connection and there is none."""
+
+
+class PublishError(MqttError):
+    """paho refused to queue a publish (queue full, payload too large, bad topic)."""
+
+
+@dataclass(frozen=True)
+class TlsOptions:
+    """TLS to the broker (server authentication; client certificate optional)."""
+
+    ca_file: Path | None = None  # None: the system trust store
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    insecure_skip_hostname: bool = False  # only for test brokers with IP-address certs
+
+
+@dataclass(frozen=True)
+class Will:
+    """The message the broker publishes for us when the connection dies uncleanly."""
+
+    topic: str
+    payload: bytes
+    retain: bool = True
+    qos: int = 1
+
+
+@dataclass(frozen=True)
+class MqttOptions:
+    """Connection settings, bounded."""
+
+    host: str
+    port: int = 1883
+    client_id: str = ""
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    tls: TlsOptions | None = None
+    keepalive_s: int = 30  # seconds between PINGREQs when idle, [5, 3600]
+    session_expiry_s: int = 7 * 86400  # seconds the broker keeps our session while away
+    connect_timeout_s: float = 10.0  # seconds for TCP/TLS connect and for the CONNACK
+    backoff_initial_s: float = 0.5  # seconds, first reconnect delay ceiling
+    backoff_max_s: float = 60.0  # seconds, largest reconnect delay ceiling
+    max_queued_messages: int = 1000  # QoS>0 messages paho holds while disconnected
+    max_inflight: int = 20  # unacknowledged QoS>0 messages on the wire
+    loop_timeout_s: float = 0.25  # seconds one network-loop iteration may block
+    will: Will | None = None
+
+    def __post_init__(self) -> None:
+        if not self.host:
+            raise ValueError("MqttOptions.host is required")
+        if not 1 <= self.port <= 65535:
+            raise ValueError("MqttOptions.port must be in [1, 65535]")
+        if not self.client_id or len(self.client_id) > 128:
+            raise ValueError("MqttOptions.client_id must be 1-128 characters")
+        if not 5 <= self.keepalive_s <= 3600:
+            raise ValueError("MqttOptions.keepalive_s must be in [5, 3600] seconds")
+        if not 0 <= self.session_expiry_s <= 0xFFFFFFFF:
+            raise ValueError("MqttOptions.session_expiry_s must fit in 32 bits")
+        if not 0.1 <= self.connect_timeout_s <= 300:
+            raise ValueError("MqttOptions.connect_timeout_s must be in [0.1, 300] seconds")
+        if not 0.01 <= self.backoff_initial_s <= self.backoff_max_s <= 3600:
+            raise ValueError("MqttOptions backoff must satisfy 0.01 <= initial <= max <= 3600 s")
+        if not 1 <= self.max_queued_messages <= 100_000:
+            raise ValueError("MqttOptions.max_queued_messages must be in [1, 100000]")
+        if not 1 <= self.max_inflight <= 65535:
+            raise ValueError("MqttOptions.max_inflight must be in [1, 65535]")
+        if not 0.01 <= self.loop_timeout_s <= 5:
+            raise ValueError("MqttOptions.loop_timeout_s must be in [0.01, 5] seconds")
+
+
+@dataclass(frozen=True)
+class PublishResult:
+    """The broker's answer to one QoS>0 publish."""
+
+    mid: int
+    reason_code: int  # MQTT 5 PUBACK reason code (0 = success, >= 0x80 failure)
+    reason: str
+
+    @property
+    def ok(self) -> bool:
+        return self.reason_code < 0x80
+
+    @property
+    def permanent_failure(self) -> bool:
+        """True when re-sending the same message cannot succeed."""
+        return self.reason_code in PERMANENT_PUBACK_CODES
+
+
+MessageHandler = Callable[[str, bytes, bool], None]  # topic, payload, retained
+AckHandler = Callable[[PublishResult], None]
+
+
+def _no_op_socket_callback(client: paho.Client, userdata: object, sock: object) -> None:
+    return None
+
+
+def backoff_delay(attempt: int, initial_s: float, max_s: float, rng: random.Random) -> float:
+    """Full-jitter exponential backoff: uniform in ``[0, min(max, initial * 2**attempt)]``."""
+    ceiling = min(max_s, initial_s * (2 ** min(attempt, 32)))
+    return rng.uniform(0.0, ceiling)
+
+
+class MqttConnection:
+    """One MQTT 5 session to the broker, kept alive by an explicit reconnect loop."""
+
+    def __init__(
+        self,
+        options: MqttOptions,
+        *,
+        on_message: MessageHandler | None = None,
+        on_connect: Callable[[bool], None] | None = None,
+        on_disconnect: Callable[[str], None] | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        """Configure the client (nothing is opened until ``start``).
+
+        Raises:
+            TlsError: the TLS files cannot be loaded.
+        """
+        self.options = options
+        self._on_message = on_message
+        self._on_connect_cb = on_connect
+        self._on_disconnect_cb = on_disconnect
+        self._rng = rng or random.Random()
+        self._stop = threading.Event()
+        self._stopping = False  # set before a clean DISCONNECT: do not reconnect
+        self._connected = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._subs_lock = threading.Lock()
+        self._subscriptions: dict[str, int] = {}
+        self._ack_lock = threading.Lock()
+        self._pending_acks: dict[int, AckHandler | None] = {}
+        self._early_acks: dict[int, PublishResult] = {}
+        self.last_error: MqttError | None = None
+        self.connects = 0  # successful CONNACKs so far
+        self.session_present = False
+        self._client = self._make_client()
+
+    # ------------------------------------------------------------------ setup
+
+    def _make_client(self) -> paho.Client:
+        o = self.options
+        client = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=o.client_id,
+            protocol=MQTTProtocolVersion.MQTTv5,
+        )
+        client.max_queued_messages_set(o.max_queued_messages)
+        client.max_inflight_messages_set(o.max_inflight)
+        client.connect_timeout = o.connect_timeout_s
+        if o.username is not None:
+            client.username_pw_set(o.username, o.password)
+        if o.tls is not None:
+            try:
+                client.tls_set(
+                    ca_certs=str(o.tls.ca_file) if o.tls.ca_file else None,
+                    certfile=str(o.tls.cert_file) if o.tls.cert_file else None,
+                    keyfile=str(o.tls.key_file) if o.tls.key_file else None,
+                    cert_reqs=ssl.CERT_REQUIRED,
+                )
+                client.tls_insecure_set(o.tls.insecure_skip_hostname)
+            except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+                raise TlsError(f"cannot configure TLS: {exc}") from exc
+        if o.will is not None:
+            try:
+                client.will_set(o.will.topic, o.will.payload, qos=o.will.qos, retain=o.will.retain)
+            except ValueError as exc:
+                raise PublishError(f"invalid last will: {exc}") from exc
+        client.on_connect = self._handle_connect
+        client.on_disconnect = self._handle_disconnect
+        client.on_message = self._handle_message
+        client.on_publish = self._handle_publish
+        client.on_subscribe = self._handle_subscribe
+        # With these set, paho's publish()/subscribe() from other threads only
+        # queue the packet and wake select(); the network thread is then the
+        # only socket writer (without them paho writes from the caller's thread
+        # too, racing our loop on the same stream).
+        client.on_socket_register_write = _no_op_socket_callback
+        client.on_socket_unregister_write = _no_op_socket_callback
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = o.session_expiry_s
+        client.connect_async(
+            o.host, o.port, keepalive=o.keepalive_s, clean_start=False, properties=props
+        )
+        return client
+
+    # -------------------------------------------------------------- lifecycle
+
+    def start(self) -> None:
+        """Start the network thread (connects in the background)."""
+        if self._thread is not None:
+            return
+        self._stop.clear()
+        self._stopping = False
+        self._thread = threading.Thread(
+            target=self._run, name=f"mqtt-{self.options.client_id}", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self, *, timeout_s: float = 5.0) -> None:
+        """Disconnect cleanly (no last will) and stop the network thread."""
+        if self._thread is None:
+            return
+        self._stopping = True
+        if self._connected.is_set():
+            self._client.disconnect()
+            deadline = time.monotonic() + min(timeout_s, 2.0)
+            while self._connected.is_set() and time.monotonic() < deadline:
+                time.sleep(0.01)
+        self._stop.set()
+        self._thread.join(timeout_s)
+        self._thread = None
+        self._connected.clear()
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def wait_connected(self, timeout_s: float) -> bool:
+        """Block until connected (CONNACK received) or ``timeout_s`` passes."""
+        return self._connected.wait(timeout_s)
+
+    def drop_connection(self) -> None:
+        """Fault injection: cut the TCP connection without DISCONNECT.
+
+        The broker then publishes the last will; the reconnect loop reconnects.
+        """
+        sock = self._client.socket()
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)  # type: ignore[attr-defined]
+
+    def _run(self) -> None:
+        attempt = 0
+        socket_open = False
+        opened_at = 0.0
+        while not self._stop.is_set():
+            if not socket_open:
+                if self._stopping:
+                    self._stop.wait(0.05)
+                    continue
+                try:
+                    self._client.reconnect()
+                    socket_open = True
+                    opened_at = time.monotonic()
+                except (OSError, ValueError) as exc:
+                    self._record(
+                        BrokerUnavailableError(
+                            f"cannot reach broker {self.options.host}:{self.options.port}: {exc}"
+                        ),
+                        exc,
+                    )
+                    self._stop.wait(self._delay(attempt))
+                    attempt += 1
+                    continue
+            try:
+                rc = self._client.loop(timeout=self.options.loop_timeout_s)
+            except (OSError, ValueError) as exc:
+                self._record(MqttError(f"network loop failed: {exc}"), exc)
+                rc = MQTTErrorCode.MQTT_ERR_CONN_LOST
+            if rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
+                if self._connected.is_set():
+                    attempt = 0
+                elif time.monotonic() - opened_at > self.options.connect_timeout_s:
+                    self._record(BrokerUnavailableError("no CONNACK within the connect timeout"))
+                    rc = MQTTErrorCode.MQTT_ERR_CONN_LOST
+                else:
+                    continue
+            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                socket_open = False
+                self._connected.clear()
+                if self._stop.is_set():
+                    break
+                self._stop.wait(self._delay(attempt))
+                attempt += 1
+        # Close the socket if still open (stop without a clean disconnect).
+        with contextlib.suppress(OSError, ValueError):
+            self._client.loop(timeout=0.01)
+        sock = self._client.socket()
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.close()
+
+    def _delay(self, attempt: int) -> float:
+        return backoff_delay(
+            attempt, self.options.backoff_initial_s, self.options.backoff_max_s, self._rng
+        )
+
+    def _record(self, error: MqttError, cause: BaseException | None = None) -> None:
+        if cause is not None:
+            error.__cause__ = cause
+        self.last_error = error
+        log.info("mqtt: %s", error)
+
+    # ------------------------------------------------------------- callbacks
+
+    def _handle_connect(
+        self,
+        client: paho.Client,
+        userdata: object,
+        flags: paho.ConnectFlags,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        if reason_code.is_failure:
+            cls = (
+                NotAuthorizedError
+                if reason_code.value in _AUTH_CONNACK_CODES
+                else ConnectionRefusedByBrokerError
+            )
+            self._record(cls(f"broker refused the connection: {reason_code}"))
+            return
+        self.session_present = bool(flags.session_present)
+        self.connects += 1
+        self.last_error = None
+        with self._subs_lock:
+            subs = list(self._subscriptions.items())
+        if subs:
+            client.subscribe([(topic, qos) for topic, qos in subs])
+        self._connected.set()
+        if self._on_connect_cb is not None:
+            self._on_connect_cb(self.session_present)
+
+    def _handle_disconnect(
+        self,
+        client: paho.Client,
+        userdata: object,
+        flags: paho.DisconnectFlags,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        was = self._connected.is_set()
+        self._connected.clear()
+        if was and self._on_disconnect_cb is not None:
+            self._on_disconnect_cb(str(reason_code))
+
+    def _handle_message(self, client: paho.Client, userdata: object, msg: paho.MQTTMessage) -> None:
+        if self._on_message is None:
+            return
+        try:
+            self._on_message(msg.topic, bytes(msg.payload), bool(msg.retain))
+        except Exception:  # a handler bug must not kill the network thread
+            log.exception("mqtt: message handler failed for %s", msg.topic)
+
+    def _handle_publish(
+        self,
+        client: paho.Client,
+        userdata: object,
+        mid: int,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        result = PublishResult(mid, int(reason_code.value), str(reason_code))
+        with self._ack_lock:
+            if mid in self._pending_acks:
+                handler = self._pending_acks.pop(mid)
+            else:
+                # The PUBACK beat publish() back to its caller: park it.
+                self._early_acks[mid] = result
+                return
+        self._deliver_ack(handler, result)
+
+    def _handle_subscribe(
+        self,
+        client: paho.Client,
+        userdata: object,
+        mid: int,
+        reason_codes: list[ReasonCode],
+        properties: Properties | None,
+    ) -> None:
+        failed = [str(rc) for rc in reason_codes if rc.is_failure]
+        if failed:
+            self._record(MqttError(f"broker refused a subscription: {', '.join(failed)}"))
+
+    @staticmethod
+    def _deliver_ack(handler: AckHandler | None, result: PublishResult) -> None:
+        if handler is None:
+            return
+        try:
+            handler(result)
+        except Exception:
+            log.exception("mqtt: publish-ack handler failed")
+
+    # ------------------------------------------------------------- operations
+
+    def subscribe(self, topic_filter: str, qos: int = 1) -> None:
+        """Subscribe now (if connected) and after every reconnect.
+
+        Raises:
+            PublishError: the filter is invalid.
+        """
+        with self._subs_lock:
+            self._subscriptions[topic_filter] = qos
+        if self._connected.is_set():
+            try:
+                self._client.subscribe(topic_filter, qos)
+            except ValueError as exc:
+                raise PublishError(f"invalid subscription {topic_filter!r}: {exc}") from exc
+
+    def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        qos: int = 1,
+        retain: bool = False,
+        on_ack: AckHandler | None = None,
+    ) -> int:
+        """Queue a message; return its packet id.
+
+        With QoS 1 the message is kept by paho while disconnected and sent
+        after reconnecting; ``on_ack`` then receives the PUBACK result once.
+
+        Raises:
+            NotConnectedError: QoS 0 while disconnected (the message is lost).
+            PublishError: paho's queue is full, or the topic/payload is invalid.
+        """
+        try:
+            info = self._client.publish(topic, payload, qos=qos, retain=retain)
+        except ValueError as exc:
+            raise PublishError(f"cannot publish to {topic!r}: {exc}") from exc
+        rc = info.rc
+        if rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:
+            raise PublishError(f"publish queue is full ({self.options.max_queued_messages})")
+        if rc == MQTTErrorCode.MQTT_ERR_NO_CONN and qos == 0:
+            raise NotConnectedError(f"not connected: QoS 0 message to {topic!r} dropped")
+        if rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+            raise PublishError(f"publish to {topic!r} failed: {paho.error_string(rc)}")
+        mid = info.mid
+        with self._ack_lock:
+            early = self._early_acks.pop(mid, None)
+            if early is None:
+                self._pending_acks[mid] = on_ack
+                return mid
+        self._deliver_ack(on_ack, early)
+        return mid
+
+    def pending_acks(self) -> int:
+        """QoS>0 publishes not yet acknowledged."""
+        with self._ack_lock:
+            return len(self._pending_acks)
