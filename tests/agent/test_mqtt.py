@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import SimpleNamespace
 from typing import Any
 
@@ -45,7 +45,7 @@ class Inbox:
 
 
 @pytest.fixture
-def connect() -> Callable[..., MqttConnection]:
+def connect() -> Iterator[Callable[..., MqttConnection]]:
     made: list[MqttConnection] = []
 
     def make(
