@@ -209,7 +209,9 @@ def from_exported_program(program: torch.export.ExportedProgram) -> LoadedModel:
 
 def _load_torchscript(p: Path) -> LoadedModel:
     try:
-        module = torch.jit.load(os.fspath(p), map_location="cpu")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            module = torch.jit.load(os.fspath(p), map_location="cpu")
     except Exception as exc:  # torch.jit raises RuntimeError and friends
         raise NotAModelError(f"{p} is not a loadable TorchScript module: {exc}") from exc
     arguments = module.forward.schema.arguments[1:]  # drop self

@@ -47,6 +47,7 @@ from compression.config import (
     CompressConfig,
     DynamicInt8,
     Metric,
+    NoQuantization,
     PruneConfig,
     QuantMode,
     StaticInt8,
@@ -403,6 +404,14 @@ def _search(run: _Run, variants: Sequence[_Variant]) -> list[CandidateResult]:
             ]
             if not static or any(passes(r, run.config.max_drop) for r in static):
                 continue
+            unquantized = [
+                r
+                for r in results
+                if r.candidate.prune == variant.prune
+                and isinstance(r.candidate.quant, NoQuantization)
+            ]
+            if unquantized and not passes(unquantized[0], run.config.max_drop):
+                continue  # pruning alone fails: keeping nodes in float cannot help
             results.extend(_exclusion_fallback(run, variant, static, len(results)))
     return results
 

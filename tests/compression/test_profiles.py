@@ -1,0 +1,107 @@
+"""Health-check spec and drift reference in the bundle manifest's shapes."""
+
+from __future__ import annotations
+
+import base64
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from compression.config import HealthCheckConfig
+from compression.profiles import (
+    bin_proportions,
+    decode_array,
+    drift_reference,
+    encode_array,
+    health_check,
+)
+
+
+def test_encode_is_little_endian_c_order():
+    a = np.arange(6, dtype=np.float32).reshape(2, 3).T  # F-ordered view
+    enc = encode_array(a)
+    assert enc["dtype"] == "float32" and enc["shape"] == [3, 2]
+    raw = base64.b64decode(enc["data_b64"])
+    assert raw == np.ascontiguousarray(a).astype("<f4").tobytes()
+    np.testing.assert_array_equal(decode_array(enc), a)
+
+
+def test_decode_rejects_wrong_byte_count():
+    enc = encode_array(np.zeros(3, dtype=np.float32))
+    enc["shape"] = [4]
+    with pytest.raises(ValueError, match="bytes"):
+        decode_array(enc)
+
+
+def test_health_check_tolerance_and_budget():
+    out = {"output": np.array([[4.0, -2.0]], dtype=np.float32)}
+    spec = health_check({"x": np.zeros((1, 2), np.float32)}, out, 1.0, True, HealthCheckConfig())
+    assert spec["tolerance"]["atol"] == pytest.approx(0.02 * 4.0)
+    assert spec["latency_budget_ms"] == 50.0  # floor beats 10 x 1 ms
+    slow = health_check({"x": np.zeros((1, 2), np.float32)}, out, 9.0, False, HealthCheckConfig())
+    assert slow["tolerance"]["atol"] == pytest.approx(1e-3 * 4.0)
+    assert slow["latency_budget_ms"] == pytest.approx(90.0)
+    assert set(spec) == {"inputs", "expected_outputs", "tolerance", "latency_budget_ms"}
+
+
+def test_drift_features_for_2d_input():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(1000, 3)).astype(np.float32)
+    ref = drift_reference({"x": x}, ["a", "b", "c"])
+    assert ref["bins"] == 10 and ref["channels"] == []
+    first = ref["features"][0]
+    assert (first["input"], first["index"], first["name"]) == ("x", 0, "a")
+    assert len(first["edges"]) == 9 and first["edges"] == sorted(first["edges"])
+    assert sum(first["expected"]) == pytest.approx(1.0)
+    assert first["expected"] == pytest.approx([0.1] * 10, abs=0.002)
+
+
+def test_drift_default_names_and_wrong_count():
+    ref = drift_reference({"x": np.zeros((10, 2), np.float32)})
+    assert [f["name"] for f in ref["features"]] == ["f0", "f1"]
+    with pytest.raises(ValueError, match="feature_names"):
+        drift_reference({"x": np.zeros((10, 2), np.float32)}, ["only_one"])
+
+
+def test_drift_channels_for_images():
+    rng = np.random.default_rng(1)
+    x = rng.random((50, 3, 4, 4)).astype(np.float32)
+    x[:, 1] *= 10.0
+    ref = drift_reference({"image": x})
+    assert ref["features"] == [] and len(ref["channels"]) == 3
+    ch = ref["channels"][1]
+    assert ch["input"] == "image" and ch["channel"] == 1
+    assert ch["mean"] == pytest.approx(float(x[:, 1].mean()), rel=1e-5)
+    assert ch["std"] == pytest.approx(float(x[:, 1].std()), rel=1e-4)
+    assert len(ch["edges"]) == 9 and sum(ch["expected"]) == pytest.approx(1.0)
+
+
+def test_drift_discrete_feature_edges_follow_device_rule():
+    # 70% zeros: several edges equal 0, values equal to an edge go to the upper bin.
+    x = np.array([0.0] * 70 + [1.0] * 20 + [2.0] * 10, dtype=np.float32)[:, None]
+    feature = drift_reference({"x": x})["features"][0]
+    edges = np.array(feature["edges"])
+    idx = np.searchsorted(edges, x[:, 0], side="right")
+    counts = np.bincount(idx, minlength=10) / len(x)
+    assert feature["expected"] == pytest.approx(counts.tolist())
+    assert sum(feature["expected"]) == pytest.approx(1.0)
+    assert 0.0 in feature["expected"]  # duplicate edges leave empty bins
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    arrays(
+        np.float64,
+        st.integers(1, 300),
+        elements=st.floats(-1e6, 1e6, allow_nan=False, allow_infinity=False),
+    )
+)
+def test_drift_expected_always_matches_rule(values):
+    feature = drift_reference({"x": values[:, None]})["features"][0]
+    edges = np.array(feature["edges"])
+    assert len(edges) == 9 and np.all(np.diff(edges) >= 0)
+    np.testing.assert_allclose(feature["expected"], bin_proportions(values, edges))
+    assert sum(feature["expected"]) == pytest.approx(1.0)
