@@ -49,7 +49,7 @@ from compression.modelio import (  # noqa: E402
 )
 from compression.pipeline import wire_size  # noqa: E402
 from compression.progress import ProgressReporter  # noqa: E402
-from compression.quantize import _quiet_quantizer  # noqa: E402
+from compression.quantize import quiet_quantizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 PRUNE = 0.7
@@ -88,7 +88,7 @@ def _baseline(
     )
     fp32_path, base_path = workdir / "fp32.onnx", workdir / "baseline.onnx"
     save_onnx(fp32, fp32_path)
-    with _quiet_quantizer():
+    with quiet_quantizer():
         quantize_dynamic(str(fp32_path), str(base_path))
 
     eval_arrays = load_npz(eval_path, "EVAL")

@@ -133,7 +133,8 @@ class CalibrationData:
 
 
 @contextlib.contextmanager
-def _quiet_quantizer() -> Iterator[None]:
+def quiet_quantizer() -> Iterator[None]:
+    """Silence onnxruntime.quantization's root-logger warnings and stdout prints."""
     # onnxruntime.quantization logs "consider pre-processing" through the root
     # logger and prints histogram progress to stdout, which would corrupt --json.
     root = logging.getLogger()
@@ -169,7 +170,7 @@ def quantize(
         TypeError: ``config`` is not a quantization config.
     """
     try:
-        with _quiet_quantizer():
+        with quiet_quantizer():
             _dispatch(config, src, dst, calibration, reporter, cache_key)
     except (QuantizationError, TypeError):
         raise
