@@ -1,0 +1,1 @@
+"""The REST API: a FastAPI app of thin routes over ``server.services``."""

@@ -1,0 +1,112 @@
+"""The FastAPI application: state, error mapping, latency metrics, routers.
+
+Flow: ``create_app(settings)`` builds the engine, creates or upgrades the
+schema (Alembic, under a cross-replica lock), refuses a production start
+without an admin token, and mounts the routers under ``/api/v1``. The
+lifespan starts this replica's job worker (unless ``worker_enabled`` is off)
+and stops it on shutdown.
+
+Invariants: the process keeps no state besides caches of the database and the
+trust-root file, so any number of replicas can serve one database and one
+bundle storage. Every ``ServerError`` becomes ``{"detail": message}`` with its
+status; a 429 carries ``Retry-After``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from sqlalchemy import Engine
+
+from edgefleet import __version__
+from server import metrics
+from server.api.routes import audit, devices, jobs, models, system, telemetry, tokens
+from server.db import make_engine, session_factory, upgrade_schema
+from server.errors import RateLimitedError, ServerError
+from server.services import tokens as token_service
+from server.services.jobs import Worker
+from server.settings import ConfigError, Settings, check_production
+from server.trustcache import TrustRootCache
+
+__all__ = ["API_PREFIX", "create_app"]
+
+API_PREFIX = "/api/v1"
+
+
+def create_app(settings: Settings, *, engine: Engine | None = None) -> FastAPI:
+    """Build the app for ``settings`` (schema upgraded before this returns).
+
+    Args:
+        settings: validated settings (``prepare_demo`` already applied in demo mode).
+        engine: an existing engine (tests share one); default: from the settings.
+
+    Raises:
+        ConfigError: production settings lack a secret, or no admin token exists.
+        sqlalchemy.exc.SQLAlchemyError: the database is unreachable.
+    """
+    check_production(settings)
+    engine = engine or make_engine(settings.effective_database_url)
+    revision = upgrade_schema(engine)
+    factory = session_factory(engine)
+    if not settings.is_demo:
+        with factory() as session:
+            if not token_service.has_admin(session):
+                raise ConfigError(
+                    "no admin token exists: create one with 'edgefleet server init' "
+                    "(it prints the token once)"
+                )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        worker = Worker(factory, settings) if settings.worker_enabled else None
+        if worker is not None:
+            worker.start()
+        try:
+            yield
+        finally:
+            if worker is not None:
+                worker.stop()
+
+    app = FastAPI(
+        title="edgefleet server",
+        version=__version__,
+        description="Model registry, signed OTA bundles, fleet enrollment and telemetry.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.session_factory = factory
+    app.state.schema_revision = revision
+    app.state.trust_roots = TrustRootCache(settings.trust_root)
+
+    @app.exception_handler(ServerError)
+    async def _server_error(request: Request, exc: ServerError) -> JSONResponse:
+        headers = (
+            {"Retry-After": str(exc.retry_after)} if isinstance(exc, RateLimitedError) else None
+        )
+        if exc.status == 401:
+            headers = {"WWW-Authenticate": "Bearer"}
+        return JSONResponse({"detail": str(exc)}, status_code=exc.status, headers=headers)
+
+    @app.middleware("http")
+    async def _latency(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        start = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        template = getattr(route, "path", "unmatched")
+        metrics.API_LATENCY.labels(
+            request.method, template, f"{response.status_code // 100}xx"
+        ).observe(time.perf_counter() - start)
+        return response
+
+    for module in (tokens, models, jobs, devices, telemetry, audit):
+        app.include_router(module.router, prefix=API_PREFIX)
+    app.include_router(system.public_router)
+    app.include_router(system.open_metrics_router if settings.metrics_public else system.router)
+    return app

@@ -1,0 +1,44 @@
+"""``/api/v1/telemetry``: stored telemetry records by device, model version and window."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+
+from server.api import present, schemas
+from server.api.deps import Reader, SessionDep
+from server.errors import InvalidInputError
+from server.services import telemetry
+
+router = APIRouter(prefix="/telemetry", tags=["telemetry"])
+
+
+@router.get("", response_model=schemas.TelemetryList)
+def query_telemetry(
+    session: SessionDep,
+    _: Reader,
+    device_id: Annotated[str | None, Query(max_length=64)] = None,
+    model: Annotated[str | None, Query(max_length=64)] = None,
+    version: Annotated[int | None, Query(ge=1, le=2**53 - 1)] = None,
+    since: Annotated[datetime | None, Query(description="window_end >= since")] = None,
+    until: Annotated[datetime | None, Query(description="window_end < until")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    offset: Annotated[int, Query(ge=0, le=10**9)] = 0,
+) -> schemas.TelemetryList:
+    """Records matching every filter, newest window first."""
+    for value, what in ((since, "since"), (until, "until")):
+        if value is not None and value.tzinfo is None:
+            raise InvalidInputError(f"{what} needs a timezone (e.g. 2025-01-01T00:00:00Z)")
+    rows, total = telemetry.query(
+        session,
+        device_id=device_id,
+        model_name=model,
+        model_version=version,
+        since=since,
+        until=until,
+        limit=limit,
+        offset=offset,
+    )
+    return schemas.TelemetryList(records=[present.telemetry(r) for r in rows], total=total)

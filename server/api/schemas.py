@@ -1,0 +1,286 @@
+"""Request and response bodies of the REST API (pydantic 2).
+
+Each resource has separate ``*Create`` / ``*Update`` (what a client may send)
+and ``*Public`` (what the server returns) schemas, so internal columns
+(password and token hashes, storage paths) can never leak into a response.
+Field bounds here mirror the service-layer checks, so most bad input is
+refused by validation with a 422 naming the field.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from edgefleet.topics import NAME_PATTERN
+
+NAME = Field(pattern=NAME_PATTERN, min_length=1, max_length=64)
+
+
+class Problem(BaseModel):
+    """Every error response: what went wrong, in one sentence."""
+
+    detail: Any
+
+
+# ----------------------------------------------------------------- tokens
+
+
+class TokenCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=64)
+    role: Literal["admin", "publisher", "operator", "viewer"]
+
+
+class TokenPublic(BaseModel):
+    id: str
+    name: str
+    role: str
+    prefix: str
+    created_at: datetime
+    created_by: str | None
+    revoked_at: datetime | None
+
+
+class TokenCreated(TokenPublic):
+    token: str = Field(description="the bearer token; shown only in this response")
+
+
+class WhoAmI(BaseModel):
+    token_id: str
+    name: str
+    role: str
+
+
+# --------------------------------------------------------------- registry
+
+
+class BundlePublic(BaseModel):
+    id: str
+    sha256: str
+    size: int
+    url: str
+
+
+class SignaturesPublic(BaseModel):
+    keyids: list[str]
+    threshold: int | None
+
+
+class VersionPublic(BaseModel):
+    name: str
+    version: int
+    status: str
+    signing: str
+    compress: bool
+    source_format: str
+    source_filename: str
+    source_sha256: str
+    source_bytes: int
+    options: dict[str, Any]
+    report: dict[str, Any] | None
+    model_card: dict[str, Any]
+    lineage: dict[str, Any]
+    manifest_sha256: str | None
+    bundle: BundlePublic | None
+    signatures: SignaturesPublic
+    job_id: str | None
+    error: str | None
+    created_at: datetime
+    created_by: str
+    published_at: datetime | None
+
+
+class VersionSummary(BaseModel):
+    version: int
+    status: str
+    created_at: datetime
+    published_at: datetime | None
+
+
+class ModelPublic(BaseModel):
+    name: str
+    description: str
+    created_at: datetime
+    created_by: str
+    versions: int
+    latest_published: int | None
+
+
+class ModelDetail(ModelPublic):
+    version_list: list[VersionSummary]
+
+
+class ModelList(BaseModel):
+    models: list[ModelPublic]
+
+
+class SignatureCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    keyid: str = Field(pattern=r"^[0-9a-f]{64}$", description="release key id (hex sha256)")
+    sig: str = Field(
+        min_length=1, max_length=128, description="base64 Ed25519 signature over the manifest"
+    )
+
+
+class JobPublic(BaseModel):
+    id: str
+    kind: str
+    status: str
+    stage: str
+    progress: float
+    message: str
+    error: str | None
+    attempts: int
+    model: str | None
+    version: int | None
+    created_at: datetime
+    updated_at: datetime
+    finished_at: datetime | None
+
+
+class SubmitResult(BaseModel):
+    version: VersionPublic
+    job: JobPublic
+
+
+class JobList(BaseModel):
+    jobs: list[JobPublic]
+
+
+# ------------------------------------------------------------------ fleet
+
+
+class DeviceCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    device_id: str | None = Field(
+        None, pattern=NAME_PATTERN, max_length=64, description="default: generated"
+    )
+    device_class: str = Field(pattern=NAME_PATTERN, max_length=64)
+    groups: list[str] = Field(default_factory=list, max_length=32)
+    tags: list[str] = Field(default_factory=list, max_length=32)
+
+
+class DeviceUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    device_class: str | None = Field(None, pattern=NAME_PATTERN, max_length=64)
+    groups: list[str] | None = Field(None, max_length=32)
+    tags: list[str] | None = Field(None, max_length=32)
+
+
+class DeviceFactsPublic(BaseModel):
+    arch: str | None
+    ram_bytes: int | None
+    cpu_count: int | None
+    onnxruntime_version: str | None
+    agent_version: str | None
+    max_opset: int | None
+    python_version: str | None
+    os: str | None
+    reported_at: datetime | None
+
+
+class DevicePublic(BaseModel):
+    id: str
+    device_class: str
+    groups: list[str]
+    tags: list[str]
+    online: bool
+    last_seen: datetime | None
+    model: str | None
+    model_version: int | None
+    desired_version: int | None
+    last_update: dict[str, Any] | None
+    facts: DeviceFactsPublic
+    enrolled_at: datetime
+    enrolled_by: str
+
+
+class DeviceList(BaseModel):
+    devices: list[DevicePublic]
+    total: int
+
+
+class BrokerPublic(BaseModel):
+    written: bool
+    reloaded: bool
+    detail: str
+
+
+class DeviceEnrolled(BaseModel):
+    device: DevicePublic
+    mqtt_username: str
+    mqtt_password: str = Field(description="shown only in this response")
+    mqtt_url: str | None
+    trust_root: dict[str, Any] | None
+    broker: BrokerPublic
+
+
+class DeviceRemoved(BaseModel):
+    id: str
+    broker: BrokerPublic
+
+
+# -------------------------------------------------------------- telemetry
+
+
+class TelemetryPublic(BaseModel):
+    device_id: str
+    seq: int
+    window_start: datetime
+    window_end: datetime
+    model: str | None
+    model_version: int | None
+    predictions: int
+    errors: int
+    received_at: datetime
+    record: dict[str, Any]
+
+
+class TelemetryList(BaseModel):
+    records: list[TelemetryPublic]
+    total: int
+
+
+# ------------------------------------------------------------------ audit
+
+
+class AuditEntryPublic(BaseModel):
+    seq: int
+    at: str
+    actor: str
+    action: str
+    target: str
+    detail: dict[str, Any]
+    prev_hash: str
+    hash: str
+
+
+class AuditList(BaseModel):
+    entries: list[AuditEntryPublic]
+    total: int
+
+
+class AuditProblemPublic(BaseModel):
+    seq: int
+    kind: str
+    message: str
+
+
+class AuditVerification(BaseModel):
+    ok: bool
+    entries: int
+    head_seq: int
+    head_hash: str
+    problems: list[AuditProblemPublic]
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    schema_revision: str

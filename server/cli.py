@@ -1,0 +1,796 @@
+"""``edgefleet`` verbs of the server: run it, bootstrap it, and talk to its API.
+
+Registered through ``add_parser(subparsers)`` (see ``edgefleet.cli``). This
+module imports only the standard library and ``edgefleet.console`` at import
+time; FastAPI, SQLAlchemy and httpx are imported inside the handlers, so
+``edgefleet --help`` stays fast and the agent's install never needs them.
+
+Verbs:
+
+* ``server run|init|migrate``: operate a server from its settings (database
+  access, no token): ``init`` creates the schema and prints a new admin token.
+* ``tokens create|ls|revoke``, ``publish``, ``models ls|show|sign|release``,
+  ``jobs show``, ``devices enroll|ls|show|rm``, ``telemetry show``,
+  ``audit verify|ls``: API clients (``--server URL`` or ``EDGEFLEET_SERVER``;
+  ``--token`` or ``EDGEFLEET_TOKEN``).
+
+Every verb has ``--json`` (one JSON object on stdout) and readable rich
+output. Exit status: 0 success; 1 the server refused the request or the input
+is unusable; 10 ``audit verify`` found tampering; 30 the server is unreachable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from edgefleet.console import console, emit, emit_error, kv_table, positive_int
+
+__all__ = ["add_parser"]
+
+EXIT_TAMPERED = 10
+
+
+def _client_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--server", default=None, help="server URL (default: $EDGEFLEET_SERVER)")
+    p.add_argument("--token", default=None, help="API token (default: $EDGEFLEET_TOKEN)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register the server's verbs on the ``edgefleet`` command."""
+    srv = sub.add_parser("server", help="run or bootstrap the edgefleet server")
+    ssub = srv.add_subparsers(dest="server_command", metavar="VERB", required=True)
+    run = ssub.add_parser("run", help="serve the REST API (uvicorn)")
+    run.add_argument("--config", type=Path, default=None, help="TOML settings file")
+    run.add_argument("--host", default=None, help="listen address (default: settings)")
+    run.add_argument("--port", type=int, default=None, help="listen port (default: settings)")
+    run.set_defaults(func=_server_run)
+    init = ssub.add_parser("init", help="create or upgrade the schema and print a new admin token")
+    init.add_argument("--config", type=Path, default=None)
+    init.add_argument("--name", default="admin", help="name of the new admin token")
+    init.add_argument("--json", action="store_true")
+    init.set_defaults(func=_server_init)
+    mig = ssub.add_parser("migrate", help="create or upgrade the database schema")
+    mig.add_argument("--config", type=Path, default=None)
+    mig.add_argument("--json", action="store_true")
+    mig.set_defaults(func=_server_migrate)
+
+    tok = sub.add_parser("tokens", help="API tokens (admin)")
+    tsub = tok.add_subparsers(dest="tokens_command", metavar="VERB", required=True)
+    tc = tsub.add_parser("create", help="create a token (printed once)")
+    tc.add_argument("--name", required=True)
+    tc.add_argument("--role", required=True, choices=["admin", "publisher", "operator", "viewer"])
+    _client_args(tc)
+    tc.set_defaults(func=_tokens_create)
+    tl = tsub.add_parser("ls", help="list tokens")
+    _client_args(tl)
+    tl.set_defaults(func=_tokens_ls)
+    tr = tsub.add_parser("revoke", help="revoke a token by id")
+    tr.add_argument("token_id")
+    _client_args(tr)
+    tr.set_defaults(func=_tokens_revoke)
+
+    pub = sub.add_parser("publish", help="upload a model and build (compress, sign) its bundle")
+    pub.add_argument("model", type=Path, help="*.onnx or *.pt2")
+    pub.add_argument("--name", required=True, help="model name (lowercase, digits, ._-)")
+    pub.add_argument("--version", type=positive_int, default=None, help="default: next")
+    pub.add_argument("--calib", type=Path, default=None, help="CALIB .npz")
+    pub.add_argument("--eval", dest="eval_data", type=Path, default=None, help="EVAL .npz")
+    pub.add_argument(
+        "--no-compress",
+        action="store_true",
+        help="bundle the ONNX model as is (default when no --calib is given)",
+    )
+    pub.add_argument("--max-drop", type=float, default=None, help="allowed metric drop (0.01)")
+    pub.add_argument("--signing", choices=["online", "offline"], default="online")
+    pub.add_argument("--device-class", action="append", default=[], help="repeatable")
+    pub.add_argument("--arch", action="append", default=[], help="repeatable")
+    pub.add_argument("--min-agent-version", default=None)
+    pub.add_argument("--expires-days", type=positive_int, default=None)
+    pub.add_argument("--description", default=None)
+    pub.add_argument("--model-card", type=Path, default=None, help="JSON object file")
+    pub.add_argument("--wait", action="store_true", help="wait for the build job to finish")
+    pub.add_argument("--timeout", type=float, default=3600.0, help="seconds to --wait (3600)")
+    _client_args(pub)
+    pub.set_defaults(func=_publish)
+
+    mod = sub.add_parser("models", help="the model registry")
+    msub = mod.add_subparsers(dest="models_command", metavar="VERB", required=True)
+    ml = msub.add_parser("ls", help="list models, or the versions of one model")
+    ml.add_argument("name", nargs="?", default=None)
+    _client_args(ml)
+    ml.set_defaults(func=_models_ls)
+    ms = msub.add_parser("show", help="one version: report, model card, lineage, bundle")
+    ms.add_argument("name")
+    ms.add_argument("version", type=positive_int)
+    _client_args(ms)
+    ms.set_defaults(func=_models_show)
+    mg = msub.add_parser("sign", help="sign a version's manifest with a local release key")
+    mg.add_argument("name")
+    mg.add_argument("version", type=positive_int)
+    mg.add_argument("--key", type=Path, required=True, help="release private key (PEM)")
+    _client_args(mg)
+    mg.set_defaults(func=_models_sign)
+    mr = msub.add_parser("release", help="publish a version once enough signatures are in")
+    mr.add_argument("name")
+    mr.add_argument("version", type=positive_int)
+    _client_args(mr)
+    mr.set_defaults(func=_models_release)
+
+    jobs = sub.add_parser("jobs", help="build jobs")
+    jsub = jobs.add_subparsers(dest="jobs_command", metavar="VERB", required=True)
+    js = jsub.add_parser("show", help="one job's status and progress")
+    js.add_argument("job_id")
+    _client_args(js)
+    js.set_defaults(func=_jobs_show)
+
+    dev = sub.add_parser("devices", help="the fleet")
+    dsub = dev.add_subparsers(dest="devices_command", metavar="VERB", required=True)
+    de = dsub.add_parser("enroll", help="enroll a device; prints its broker credentials once")
+    de.add_argument("--id", dest="device_id", default=None, help="default: generated")
+    de.add_argument("--class", dest="device_class", required=True)
+    de.add_argument("--group", action="append", default=[], help="repeatable")
+    de.add_argument("--tag", action="append", default=[], help="repeatable")
+    de.add_argument("--out", type=Path, default=None, help="also write the enrollment as JSON")
+    _client_args(de)
+    de.set_defaults(func=_devices_enroll)
+    dl = dsub.add_parser("ls", help="list devices")
+    dl.add_argument("--group", default=None)
+    dl.add_argument("--tag", default=None)
+    dl.add_argument("--class", dest="device_class", default=None)
+    dl.add_argument("--online", action="store_true", help="only online devices")
+    dl.add_argument("--limit", type=positive_int, default=100)
+    _client_args(dl)
+    dl.set_defaults(func=_devices_ls)
+    ds = dsub.add_parser("show", help="one device")
+    ds.add_argument("device_id")
+    _client_args(ds)
+    ds.set_defaults(func=_devices_show)
+    dr = dsub.add_parser("rm", help="decommission a device (revokes its broker login)")
+    dr.add_argument("device_id")
+    _client_args(dr)
+    dr.set_defaults(func=_devices_rm)
+
+    tel = sub.add_parser("telemetry", help="stored telemetry")
+    tsub2 = tel.add_subparsers(dest="telemetry_command", metavar="VERB", required=True)
+    tsh = tsub2.add_parser("show", help="records by device, model version and time window")
+    tsh.add_argument("--device", default=None)
+    tsh.add_argument("--model", default=None)
+    tsh.add_argument("--model-version", type=positive_int, default=None)
+    tsh.add_argument("--since", default=None, help="ISO time, e.g. 2025-01-01T00:00:00Z")
+    tsh.add_argument("--until", default=None)
+    tsh.add_argument("--limit", type=positive_int, default=50)
+    _client_args(tsh)
+    tsh.set_defaults(func=_telemetry_show)
+
+    aud = sub.add_parser("audit", help="the hash-chained audit log (admin)")
+    asub = aud.add_subparsers(dest="audit_command", metavar="VERB", required=True)
+    av = asub.add_parser("verify", help="detect edited, deleted or reordered entries")
+    _client_args(av)
+    av.set_defaults(func=_audit_verify)
+    al = asub.add_parser("ls", help="list entries")
+    al.add_argument("--after", type=int, default=0)
+    al.add_argument("--limit", type=positive_int, default=100)
+    _client_args(al)
+    al.set_defaults(func=_audit_ls)
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def _api(args: argparse.Namespace, call: Callable[[Any], int]) -> int:
+    """Run ``call(client)`` and turn API and transport errors into exit codes."""
+    from edgefleet.errors import TransportError
+    from server.client import ApiClient, ApiError
+
+    try:
+        with ApiClient(args.server, args.token) as client:
+            return call(client)
+    except ApiError as exc:
+        return emit_error("ApiError", 1, exc.detail, args.json, status=exc.status)
+    except TransportError as exc:
+        return emit_error("TransportError", exc.code, str(exc), args.json)
+
+
+def _table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for col in columns:
+        table.add_column(col)
+    for row in rows:
+        table.add_row(*("" if v is None else str(v) for v in row))
+    console.print(table)
+
+
+def _settings(args: argparse.Namespace) -> Any:
+    from server.settings import load_settings, prepare_demo
+
+    settings = load_settings(args.config)
+    return prepare_demo(settings) if settings.is_demo else settings
+
+
+# ------------------------------------------------------------------- server
+
+
+def _server_run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from server.settings import ConfigError
+
+    try:
+        settings = _settings(args)
+        token = _demo_admin(settings) if settings.is_demo else None
+        from server.api.app import create_app
+
+        app = create_app(settings)
+    except ConfigError as exc:
+        return emit_error("ConfigError", 1, str(exc), False)
+    if token:
+        console.print(f"[bold]demo admin token[/] (also in {settings.data_dir / 'admin-token'}):")
+        console.print(token)
+    uvicorn.run(app, host=args.host or settings.host, port=args.port or settings.port)
+    return 0
+
+
+def _demo_admin(settings: Any) -> str | None:
+    """In demo mode, make sure an admin token exists; return it when created now."""
+    from edgefleet.fsutil import atomic_write_bytes
+    from server.db import make_engine, session_factory, upgrade_schema
+    from server.services import tokens
+
+    engine = make_engine(settings.effective_database_url)
+    upgrade_schema(engine)
+    try:
+        with session_factory(engine)() as session:
+            if tokens.has_admin(session):
+                return None
+            _, plaintext = tokens.create_token(session, "demo-admin", "admin", "cli:demo")
+            session.commit()
+    finally:
+        engine.dispose()
+    atomic_write_bytes(settings.data_dir / "admin-token", plaintext.encode() + b"\n", mode=0o600)
+    return plaintext
+
+
+def _server_init(args: argparse.Namespace) -> int:
+    import getpass
+
+    from server.db import make_engine, session_factory, upgrade_schema
+    from server.errors import ServerError
+    from server.services import tokens
+    from server.settings import ConfigError
+
+    try:
+        settings = _settings(args)
+        engine = make_engine(settings.effective_database_url)
+        revision = upgrade_schema(engine)
+        with session_factory(engine)() as session:
+            row, plaintext = tokens.create_token(
+                session, args.name, "admin", f"cli:{getpass.getuser()}"
+            )
+            session.commit()
+        engine.dispose()
+    except (ConfigError, ServerError) as exc:
+        return emit_error(type(exc).__name__, 1, str(exc), args.json)
+    result = {
+        "ok": True,
+        "schema_revision": revision,
+        "token_id": row.id,
+        "name": row.name,
+        "role": "admin",
+        "token": plaintext,
+    }
+
+    def render(r: Mapping[str, Any]) -> None:
+        console.print(f"schema at revision {r['schema_revision']}")
+        console.print(f"admin token [bold]{r['name']}[/] (shown once, store it safely):")
+        console.print(r["token"])
+
+    emit(result, args.json, render)
+    return 0
+
+
+def _server_migrate(args: argparse.Namespace) -> int:
+    from server.db import make_engine, upgrade_schema
+    from server.settings import ConfigError
+
+    try:
+        settings = _settings(args)
+        engine = make_engine(settings.effective_database_url)
+        revision = upgrade_schema(engine)
+        engine.dispose()
+    except ConfigError as exc:
+        return emit_error("ConfigError", 1, str(exc), args.json)
+    emit(
+        {"ok": True, "schema_revision": revision},
+        args.json,
+        lambda r: console.print(f"schema at revision {r['schema_revision']}"),
+    )
+    return 0
+
+
+# ------------------------------------------------------------------- tokens
+
+
+def _tokens_create(args: argparse.Namespace) -> int:
+    def call(client: Any) -> int:
+        r = client.json("POST", "/tokens", json={"name": args.name, "role": args.role})
+
+        def render(x: Mapping[str, Any]) -> None:
+            console.print(f"token [bold]{x['name']}[/] ({x['role']}), shown once:")
+            console.print(x["token"])
+
+        emit(r, args.json, render)
+        return 0
+
+    return _api(args, call)
+
+
+def _tokens_ls(args: argparse.Namespace) -> int:
+    def call(client: Any) -> int:
+        rows = client.json("GET", "/tokens")
+        emit(
+            {"tokens": rows},
+            args.json,
+            lambda r: _table(
+                "API tokens",
+                ["id", "name", "role", "prefix", "created", "revoked"],
+                [
+                    [t["id"], t["name"], t["role"], t["prefix"], t["created_at"], t["revoked_at"]]
+                    for t in r["tokens"]
+                ],
+            ),
+        )
+        return 0
+
+    return _api(args, call)
+
+
+def _tokens_revoke(args: argparse.Namespace) -> int:
+    def call(client: Any) -> int:
+        r = client.json("DELETE", f"/tokens/{args.token_id}")
+        emit(r, args.json, lambda x: console.print(f"revoked token {x['name']} ({x['id']})"))
+        return 0
+
+    return _api(args, call)
+
+
+# ------------------------------------------------------------------- models
+
+
+def _publish(args: argparse.Namespace) -> int:
+    for path in (args.model, args.calib, args.eval_data, args.model_card):
+        if path is not None and not path.is_file():
+            return emit_error("FileNotFoundError", 1, f"{path} does not exist", args.json)
+    compress = args.calib is not None and not args.no_compress
+    form: dict[str, str] = {"compress": "true" if compress else "false", "signing": args.signing}
+    if args.version is not None:
+        form["version"] = str(args.version)
+    if args.max_drop is not None:
+        form["max_drop"] = str(args.max_drop)
+    if args.device_class:
+        form["device_classes"] = ",".join(args.device_class)
+    if args.arch:
+        form["archs"] = ",".join(args.arch)
+    if args.min_agent_version:
+        form["min_agent_version"] = args.min_agent_version
+    if args.expires_days:
+        form["expires_days"] = str(args.expires_days)
+    if args.description:
+        form["description"] = args.description
+    if args.model_card is not None:
+        form["model_card"] = args.model_card.read_text()
+
+    def call(client: Any) -> int:
+        result = client.submit(
+            args.name,
+            args.model,
+            calib=args.calib if compress else None,
+            eval_data=args.eval_data if compress else None,
+            form=form,
+        )
+        job = result["job"]
+        if args.wait:
+            job = _wait_job(client, job["id"], args.timeout, show=not args.json)
+            result["version"] = client.json(
+                "GET", f"/models/{args.name}/versions/{result['version']['version']}"
+            )
+            result["job"] = job
+        emit(result, args.json, _render_submit)
+        return 0 if job["status"] != "failed" else 1
+
+    return _api(args, call)
+
+
+def _wait_job(client: Any, job_id: str, timeout: float, *, show: bool) -> dict[str, Any]:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    deadline = time.monotonic() + timeout
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.fields[msg]}"),
+        TimeElapsedColumn(),
+        disable=not show,
+        transient=True,
+    ) as bar:
+        task = bar.add_task("queued", total=1.0, msg="")
+        while True:
+            job: dict[str, Any] = client.json("GET", f"/jobs/{job_id}")
+            bar.update(
+                task, completed=job["progress"], description=job["stage"], msg=job["message"][:60]
+            )
+            if job["status"] in ("succeeded", "failed") or time.monotonic() > deadline:
+                return job
+            time.sleep(0.5)
+
+
+def _render_submit(r: Mapping[str, Any]) -> None:
+    v, job = r["version"], r["job"]
+    console.print(
+        kv_table(
+            f"{v['name']} version {v['version']}",
+            {
+                "status": v["status"],
+                "job": f"{job['id']} ({job['status']}, {job['stage']})",
+                "error": job.get("error") or v.get("error") or "",
+                "bundle": (v["bundle"] or {}).get("sha256", ""),
+            },
+        )
+    )
+
+
+def _models_ls(args: argparse.Namespace) -> int:
+    def call(client: Any) -> int:
+        if args.name is None:
+            r = client.json("GET", "/models")
+            emit(
+                r,
+                args.json,
+                lambda x: _table(
+                    "models",
+                    ["name", "versions", "latest published", "created", "by"],
+                    [
+                        [
+                            m["name"],
+                            m["versions"],
+                            m["latest_published"],
+                            m["created_at"],
+                            m["created_by"],
+                        ]
+                        for m in x["models"]
+                    ],
+                ),
+            )
+        else:
+            r = client.json("GET", f"/models/{args.name}")
+            emit(
+                r,
+                args.json,
+                lambda x: _table(
+                    f"{x['name']} versions",
+                    ["version", "status", "created", "published"],
+                    [
+                        [v["version"], v["status"], v["created_at"], v["published_at"]]
+                        for v in x["version_list"]
+                    ],
+                ),
+            )
+        return 0
+
+    return _api(args, call)
+
+
+def _render_version(v: Mapping[str, Any]) -> None:
+    rows: dict[str, Any] = {
+        "status": v["status"],
+        "signing": v["signing"],
+        "source": f"{v['source_filename']} ({v['source_format']}, "
+        f"sha256 {v['source_sha256'][:16]})",
+        "manifest sha256": v["manifest_sha256"] or "",
+        "signed by": ", ".join(k[:12] for k in v["signatures"]["keyids"]) or "-",
+        "threshold": v["signatures"]["threshold"],
+        "bundle": json.dumps(v["bundle"]) if v["bundle"] else "-",
+        "error": v["error"] or "",
+    }
+    report = v.get("report") or {}
+    if report:
+        rows["compression"] = (
+            f"{report.get('config', {}).get('name')}: {report.get('metric_name')} "
+            f"{report.get('metric_fp32')} -> {report.get('metric')}, "
+            f"size x{report.get('size_ratio')}, wire x{report.get('wire_ratio')}"
+        )
+    console.print(kv_table(f"{v['name']} version {v['version']}", rows))
+    console.print(kv_table("lineage", v["lineage"]))
+    console.print(kv_table("model card", {k: json.dumps(x) for k, x in v["model_card"].items()}))
+
+
+def _models_show(args: argparse.Namespace) -> int:
+    def call(client: Any) -> int:
+        emit(
+            client.json("GET", f"/models/{args.name}/versions/{args.version}"),
+            args.json,
+            _render_version,
+        )
+        return 0
+
+    return _api(args, call)
+
+
+def _models_sign(args: argparse.Namespace) -> int:
+    import base64
+
+    from edgefleet.keys import KeyFileError, load_signing_key
+
+    try:
+        key = load_signing_key(args.key)
+    except KeyFileError as exc:
+        return emit_error("KeyFileError", 1, str(exc), args.json)
+
+    def call(client: Any) -> int:
+        manifest = client.request(
+            "GET", f"/models/{args.name}/versions/{args.version}/manifest"
+        ).content
+        body = {"keyid": key.keyid, "sig": base64.b64encode(key.sign(manifest)).decode()}
+        r = client.json(
+            "POST", f"/models/{args.name}/versions/{args.version}/signatures", json=body
+        )
+        emit(r, args.json, _render_version)
+        return 0
+
+    return _api(args, call)
+
+
+def _models_release(args: argparse.Namespace) -> int:
+    def call(client: Any) -> int:
+        r = client.json("POST", f"/models/{args.name}/versions/{args.version}/publish")
+        emit(r, args.json, _render_version)
+        return 0
+
+    return _api(args, call)
+
+
+def _jobs_show(args: argparse.Namespace) -> int:
+    def call(client: Any) -> int:
+        r = client.json("GET", f"/jobs/{args.job_id}")
+        emit(
+            r,
+            args.json,
+            lambda x: console.print(
+                kv_table(
+                    f"job {x['id']}",
+                    {
+                        k: x[k]
+                        for k in (
+                            "status",
+                            "stage",
+                            "progress",
+                            "message",
+                            "error",
+                            "attempts",
+                            "model",
+                            "version",
+                            "created_at",
+                            "finished_at",
+                        )
+                    },
+                )
+            ),
+        )
+        return 0
+
+    return _api(args, call)
+
+
+# ------------------------------------------------------------------ devices
+
+
+def _render_device(d: Mapping[str, Any]) -> None:
+    facts = d["facts"]
+    console.print(
+        kv_table(
+            f"device {d['id']}",
+            {
+                "class": d["device_class"],
+                "groups": ", ".join(d["groups"]),
+                "tags": ", ".join(d["tags"]),
+                "online": d["online"],
+                "last seen": d["last_seen"],
+                "model": f"{d['model']} v{d['model_version']}" if d["model"] else "-",
+                "arch": facts["arch"],
+                "RAM bytes": facts["ram_bytes"],
+                "onnxruntime": facts["onnxruntime_version"],
+                "agent": facts["agent_version"],
+            },
+        )
+    )
+
+
+def _devices_enroll(args: argparse.Namespace) -> int:
+    def call(client: Any) -> int:
+        body = {
+            "device_id": args.device_id,
+            "device_class": args.device_class,
+            "groups": args.group,
+            "tags": args.tag,
+        }
+        r = client.json("POST", "/devices", json=body)
+        if args.out is not None:
+            from edgefleet.fsutil import atomic_write_bytes
+
+            atomic_write_bytes(args.out, json.dumps(r, indent=2).encode(), mode=0o600)
+
+        def render(x: Mapping[str, Any]) -> None:
+            _render_device(x["device"])
+            console.print(
+                kv_table(
+                    "broker credentials (shown once)",
+                    {
+                        "url": x["mqtt_url"],
+                        "username": x["mqtt_username"],
+                        "password": x["mqtt_password"],
+                        "broker reload": x["broker"]["detail"],
+                    },
+                )
+            )
+
+        emit(r, args.json, render)
+        return 0
+
+    return _api(args, call)
+
+
+def _devices_ls(args: argparse.Namespace) -> int:
+    def call(client: Any) -> int:
+        params: dict[str, Any] = {"limit": args.limit}
+        for key in ("group", "tag", "device_class"):
+            if getattr(args, key):
+                params[key] = getattr(args, key)
+        if args.online:
+            params["online"] = "true"
+        r = client.json("GET", "/devices", params=params)
+        emit(
+            r,
+            args.json,
+            lambda x: _table(
+                f"devices ({x['total']})",
+                [
+                    "id",
+                    "class",
+                    "online",
+                    "model",
+                    "arch",
+                    "onnxruntime",
+                    "agent",
+                    "groups",
+                    "tags",
+                ],
+                [
+                    [
+                        d["id"],
+                        d["device_class"],
+                        "yes" if d["online"] else "no",
+                        f"{d['model']} v{d['model_version']}" if d["model"] else "",
+                        d["facts"]["arch"],
+                        d["facts"]["onnxruntime_version"],
+                        d["facts"]["agent_version"],
+                        ",".join(d["groups"]),
+                        ",".join(d["tags"]),
+                    ]
+                    for d in x["devices"]
+                ],
+            ),
+        )
+        return 0
+
+    return _api(args, call)
+
+
+def _devices_show(args: argparse.Namespace) -> int:
+    def call(client: Any) -> int:
+        emit(client.json("GET", f"/devices/{args.device_id}"), args.json, _render_device)
+        return 0
+
+    return _api(args, call)
+
+
+def _devices_rm(args: argparse.Namespace) -> int:
+    def call(client: Any) -> int:
+        r = client.json("DELETE", f"/devices/{args.device_id}")
+        emit(
+            r,
+            args.json,
+            lambda x: console.print(f"removed device {x['id']}; broker: {x['broker']['detail']}"),
+        )
+        return 0
+
+    return _api(args, call)
+
+
+# -------------------------------------------------------------- telemetry
+
+
+def _telemetry_show(args: argparse.Namespace) -> int:
+    def call(client: Any) -> int:
+        params: dict[str, Any] = {"limit": args.limit}
+        for key, name in (
+            ("device", "device_id"),
+            ("model", "model"),
+            ("model_version", "version"),
+            ("since", "since"),
+            ("until", "until"),
+        ):
+            if getattr(args, key) is not None:
+                params[name] = getattr(args, key)
+        r = client.json("GET", "/telemetry", params=params)
+        emit(
+            r,
+            args.json,
+            lambda x: _table(
+                f"telemetry ({len(x['records'])} of {x['total']})",
+                ["device", "seq", "window end", "model", "predictions", "errors"],
+                [
+                    [
+                        t["device_id"],
+                        t["seq"],
+                        t["window_end"],
+                        f"{t['model']} v{t['model_version']}" if t["model"] else "",
+                        t["predictions"],
+                        t["errors"],
+                    ]
+                    for t in x["records"]
+                ],
+            ),
+        )
+        return 0
+
+    return _api(args, call)
+
+
+# ------------------------------------------------------------------ audit
+
+
+def _audit_verify(args: argparse.Namespace) -> int:
+    def call(client: Any) -> int:
+        r = client.json("GET", "/audit/verify")
+
+        def render(x: Mapping[str, Any]) -> None:
+            if x["ok"]:
+                console.print(
+                    f"[green]audit log intact[/]: {x['entries']} entries, head "
+                    f"{x['head_seq']} {x['head_hash']}"
+                )
+            else:
+                _table(
+                    "audit log TAMPERED",
+                    ["seq", "kind", "problem"],
+                    [[p["seq"], p["kind"], p["message"]] for p in x["problems"]],
+                )
+
+        emit(r, args.json, render)
+        return 0 if r["ok"] else EXIT_TAMPERED
+
+    return _api(args, call)
+
+
+def _audit_ls(args: argparse.Namespace) -> int:
+    def call(client: Any) -> int:
+        r = client.json("GET", "/audit", params={"after": args.after, "limit": args.limit})
+        emit(
+            r,
+            args.json,
+            lambda x: _table(
+                f"audit log ({x['total']} entries)",
+                ["seq", "at", "actor", "action", "target"],
+                [[e["seq"], e["at"], e["actor"], e["action"], e["target"]] for e in x["entries"]],
+            ),
+        )
+        return 0
+
+    return _api(args, call)

@@ -1,0 +1,257 @@
+"""Server configuration: environment variables, an optional TOML file, and checks.
+
+Flow: ``load_settings(config_file)`` merges, highest priority first, keyword
+overrides, ``EDGEFLEET_*`` environment variables and the TOML file named by
+``config_file`` or ``EDGEFLEET_CONFIG`` into one validated, frozen ``Settings``.
+``prepare_demo`` fills in generated secrets (keys, MQTT password, broker files)
+under ``data_dir`` when ``env`` is ``demo``; ``check_production`` refuses a
+production start that lacks a secret or would rely on a default one.
+
+Invariants: no field holds a working secret by default. Outside ``demo`` the
+server starts only with a trust root on disk, an MQTT password whenever an MQTT
+URL is set, and (checked later, against the database) at least one admin token.
+Every bound has its unit in the field description.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import secrets
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+__all__ = [
+    "ConfigError",
+    "Settings",
+    "check_production",
+    "load_settings",
+    "prepare_demo",
+]
+
+CONFIG_ENV = "EDGEFLEET_CONFIG"
+_CONFIG_FILE: contextvars.ContextVar[Path | None] = contextvars.ContextVar(
+    "edgefleet_config_file", default=None
+)
+
+
+class ConfigError(ValueError):
+    """The configuration cannot start a server; the message says what to set."""
+
+
+class Settings(BaseSettings):
+    """Everything a server replica needs; identical on every replica."""
+
+    model_config = SettingsConfigDict(env_prefix="EDGEFLEET_", extra="forbid", frozen=True)
+
+    env: Literal["production", "demo"] = Field(
+        "production", description="'demo' auto-creates keys, tokens and broker secrets"
+    )
+    data_dir: Path = Field(Path("edgefleet-data"), description="base for the defaults below")
+    database_url: str | None = Field(
+        None, description="SQLAlchemy URL; default sqlite:///<data_dir>/edgefleet.db (WAL)"
+    )
+    storage_dir: Path | None = Field(
+        None, description="bundles and uploads, shared by replicas; default <data_dir>/storage"
+    )
+    trust_root: Path | None = Field(None, description="trust-root.json devices pin")
+    release_key: Path | None = Field(
+        None, description="online release key (PEM); absent: offline signing only"
+    )
+    mqtt_url: str | None = Field(None, description="mqtt://host:port of the broker")
+    mqtt_username: str = Field("edgefleet-server", description="the replicas' broker username")
+    mqtt_password: SecretStr | None = Field(None, description="the replicas' broker password")
+    mosquitto_password_file: Path | None = Field(None, description="password_file to rewrite")
+    mosquitto_acl_file: Path | None = Field(None, description="acl_file to rewrite")
+    mosquitto_pid_file: Path | None = Field(None, description="broker pid file (SIGHUP reload)")
+    mosquitto_reload_command: list[str] | None = Field(
+        None, description="argv run after rewriting broker files (instead of SIGHUP)"
+    )
+    host: str = Field("127.0.0.1", description="HTTP listen address")
+    port: int = Field(8080, ge=1, le=65535, description="HTTP listen port")
+    worker_enabled: bool = Field(True, description="run the build-job worker in this replica")
+    worker_poll_seconds: float = Field(2.0, ge=0.05, le=60.0, description="seconds")
+    job_lease_seconds: int = Field(
+        120, ge=5, le=86400, description="seconds a job stays claimed without a heartbeat"
+    )
+    job_max_attempts: int = Field(3, ge=1, le=20, description="claims before a job fails")
+    auth_failure_limit: int = Field(
+        20, ge=1, le=10_000, description="failed token checks per client IP per window"
+    )
+    auth_failure_window_seconds: int = Field(300, ge=1, le=86400, description="seconds")
+    max_upload_bytes: int = Field(
+        1 << 30, ge=1 << 10, le=1 << 40, description="bytes per uploaded file"
+    )
+    telemetry_retention_days: int = Field(90, ge=1, le=36500, description="days kept")
+    bundle_expires_days: int = Field(90, ge=1, le=3650, description="default bundle lifetime")
+    metrics_public: bool = Field(False, description="serve /metrics without a token")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        path = _CONFIG_FILE.get()
+        if path is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+        return tuple(sources)
+
+    @field_validator("mqtt_username")
+    @classmethod
+    def _safe_username(cls, value: str) -> str:
+        from edgefleet.topics import TopicError, validate_device_id
+
+        try:
+            validate_device_id(value)
+        except TopicError as exc:
+            raise ValueError(f"mqtt_username: {exc}") from exc
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _known_database(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not value.startswith(("sqlite", "postgresql")):
+            raise ValueError("database_url must be a sqlite:// or postgresql:// URL")
+        return value
+
+    # ---------------------------------------------------------------- derived
+
+    @property
+    def is_demo(self) -> bool:
+        return self.env == "demo"
+
+    @property
+    def effective_database_url(self) -> str:
+        """The configured URL, or the default SQLite file under ``data_dir``."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'edgefleet.db').resolve()}"
+
+    @property
+    def effective_storage_dir(self) -> Path:
+        return self.storage_dir or self.data_dir / "storage"
+
+    @property
+    def bundles_dir(self) -> Path:
+        return self.effective_storage_dir / "bundles"
+
+    @property
+    def uploads_dir(self) -> Path:
+        return self.effective_storage_dir / "uploads"
+
+
+def load_settings(config_file: Path | None = None, **overrides: object) -> Settings:
+    """Read settings from overrides, the environment and a TOML file.
+
+    Args:
+        config_file: TOML file (keys are the field names); default: the file
+            named by ``EDGEFLEET_CONFIG``, if set.
+        **overrides: field values that win over everything else.
+
+    Raises:
+        ConfigError: the TOML file is missing, or a value is invalid (the
+            message names the field).
+    """
+    import os
+
+    from pydantic import ValidationError
+
+    path = config_file or (Path(os.environ[CONFIG_ENV]) if os.environ.get(CONFIG_ENV) else None)
+    if path is not None and not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    token = _CONFIG_FILE.set(path)
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}"
+            for err in exc.errors()
+        )
+        raise ConfigError(f"invalid configuration: {problems}") from exc
+    finally:
+        _CONFIG_FILE.reset(token)
+
+
+def prepare_demo(settings: Settings) -> Settings:
+    """Create the demo's keys, MQTT password and broker file paths under ``data_dir``.
+
+    Existing files are reused, so restarting a demo keeps its keys and devices.
+    Returns settings with the generated paths and secrets filled in.
+
+    Raises:
+        ConfigError: called outside demo mode.
+    """
+    if not settings.is_demo:
+        raise ConfigError("prepare_demo is only for EDGEFLEET_ENV=demo")
+    from edgefleet.fsutil import atomic_write_bytes
+    from edgefleet.keystore import KeyStore
+
+    data = settings.data_dir
+    data.mkdir(parents=True, exist_ok=True)
+    keys = KeyStore(data / "keys")
+    if not keys.trust_root_path.exists():
+        keys.init()
+    release = sorted((data / "keys").glob("release-*.key"))
+    password_path = data / "mqtt-password"
+    if not password_path.exists():
+        atomic_write_bytes(password_path, secrets.token_urlsafe(24).encode(), mode=0o600)
+    update: dict[str, object] = {
+        "trust_root": settings.trust_root or keys.trust_root_path,
+        "release_key": settings.release_key or (release[0] if release else None),
+        "mqtt_password": settings.mqtt_password or SecretStr(password_path.read_text().strip()),
+        "mosquitto_password_file": settings.mosquitto_password_file
+        or data / "mosquitto" / "passwd",
+        "mosquitto_acl_file": settings.mosquitto_acl_file or data / "mosquitto" / "acl",
+    }
+    return settings.model_copy(update=update)
+
+
+def check_production(settings: Settings) -> None:
+    """Refuse settings that would run production on missing or default secrets.
+
+    Raises:
+        ConfigError: naming every missing item and how to provide it.
+    """
+    if settings.is_demo:
+        return
+    problems = []
+    if settings.trust_root is None:
+        problems.append(
+            "EDGEFLEET_TRUST_ROOT is not set (create keys with 'edgefleet keys init --dir KEYS' "
+            "and point it at KEYS/trust-root.json)"
+        )
+    elif not settings.trust_root.is_file():
+        problems.append(f"trust root {settings.trust_root} does not exist")
+    if settings.release_key is not None and not settings.release_key.is_file():
+        problems.append(f"release key {settings.release_key} does not exist")
+    if settings.mqtt_url and settings.mqtt_password is None:
+        problems.append("EDGEFLEET_MQTT_URL is set but EDGEFLEET_MQTT_PASSWORD is not")
+    if (settings.mosquitto_password_file is None) != (settings.mosquitto_acl_file is None):
+        problems.append(
+            "set both EDGEFLEET_MOSQUITTO_PASSWORD_FILE and EDGEFLEET_MOSQUITTO_ACL_FILE, "
+            "or neither"
+        )
+    if settings.mosquitto_password_file is not None and settings.mqtt_password is None:
+        problems.append(
+            "broker files are managed but EDGEFLEET_MQTT_PASSWORD (the server's own broker "
+            "password) is not set"
+        )
+    if problems:
+        raise ConfigError(
+            "refusing to start outside demo mode (set EDGEFLEET_ENV=demo to try it out): "
+            + "; ".join(problems)
+        )

@@ -1,0 +1,205 @@
+"""Registry: upload -> job -> signed bundle; immutability; offline signing; bad input."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+
+from edgefleet.bundle import read_header, verify_bundle
+from edgefleet.keys import load_signing_key
+from edgefleet.manifest import DeviceFacts
+from edgefleet.trust import TrustRoot
+from server.settings import Settings
+from tests.server.conftest import Api, Keys, make_api, make_settings, onnx_model, run_jobs, upload
+
+
+def _verify(api: Api, name: str, version: int, trust_root: Path) -> bytes:
+    r = api.get(f"/api/v1/models/{name}/versions/{version}/bundle", role="viewer")
+    assert r.status_code == 200, r.text
+    root = TrustRoot.from_bytes(trust_root.read_bytes())
+    verified = verify_bundle(
+        r.content,
+        trust_root=root,
+        device=DeviceFacts(),
+        installed={},
+        now=datetime.now(timezone.utc),
+    )
+    assert verified.manifest.name == name and verified.manifest.version == version
+    return r.content
+
+
+def test_onnx_upload_online_signing_publishes_verifiable_bundle(api: Api, keys: Keys) -> None:
+    r = upload(api, "resnet-tiny", onnx_model(), version=1, device_classes="cam,gw")
+    assert r.status_code == 202, r.text
+    body = r.json()
+    assert body["version"]["status"] == "queued" and body["job"]["status"] == "queued"
+    assert run_jobs(api) == 1
+    job = api.get(f"/api/v1/jobs/{body['job']['id']}", role="viewer").json()
+    assert job["status"] == "succeeded" and job["progress"] == 1.0
+    v = api.get("/api/v1/models/resnet-tiny/versions/1", role="viewer").json()
+    assert v["status"] == "published"
+    assert v["bundle"]["id"] == "resnet-tiny-1"
+    assert v["lineage"]["source_sha256"] == hashlib.sha256(onnx_model()).hexdigest()
+    assert v["lineage"]["compressed"] == "false"
+    assert v["model_card"]["name"] == "resnet-tiny"
+    assert v["report"] is None
+    data = _verify(api, "resnet-tiny", 1, keys.trust_root)
+    assert hashlib.sha256(data).hexdigest() == v["bundle"]["sha256"]
+    assert len(data) == v["bundle"]["size"]
+    header = read_header(data)
+    assert header.manifest().targets.device_classes == ("cam", "gw")
+    models = api.get("/api/v1/models", role="viewer").json()["models"]
+    assert models == [{**models[0], "name": "resnet-tiny", "versions": 1, "latest_published": 1}]
+
+
+def test_version_auto_increments(api: Api) -> None:
+    assert upload(api, "m", onnx_model()).json()["version"]["version"] == 1
+    assert upload(api, "m", onnx_model(1)).json()["version"]["version"] == 2
+    run_jobs(api)
+    v2 = api.get("/api/v1/models/m/versions/2", role="viewer").json()
+    assert v2["lineage"]["previous_version"] == "1"
+
+
+def test_republish_same_version_conflict_409(api: Api) -> None:
+    assert upload(api, "m", onnx_model(), version=3).status_code == 202
+    run_jobs(api)
+    before = api.get("/api/v1/models/m/versions/3", role="viewer").json()
+    again = upload(api, "m", onnx_model(seed=5), version=3)
+    assert again.status_code == 409
+    assert "immutable" in again.json()["detail"]
+    assert api.post("/api/v1/models/m/versions/3/publish", role="publisher").status_code == 409
+    after = api.get("/api/v1/models/m/versions/3", role="viewer").json()
+    assert after == before
+
+
+def test_conflict_while_queued_409(api: Api) -> None:
+    assert upload(api, "m", onnx_model(), version=1).status_code == 202
+    assert upload(api, "m", onnx_model(), version=1).status_code == 409
+
+
+@pytest.mark.parametrize(
+    ("filename", "model", "form", "needle"),
+    [
+        ("model.onnx", b"not an onnx model at all", {}, "not an ONNX model"),
+        ("model.bin", b"x" * 10, {}, "*.onnx"),
+        ("model.pt2", b"PK\x03\x04rest", {}, ".pt2 model must go through compression"),
+        ("model.onnx", None, {"compress": True}, "needs both CALIB"),
+        ("model.onnx", None, {"device_classes": "bad/class"}, "invalid name"),
+        ("model.onnx", None, {"model_card": "[1, 2]"}, "JSON object"),
+        ("model.onnx", None, {"model_card": "{nope"}, "not JSON"),
+        ("model.onnx", b"", {}, "empty"),
+    ],
+)
+def test_bad_upload_rejected_with_reason(
+    api: Api, filename: str, model: bytes | None, form: dict, needle: str
+) -> None:
+    assert upload(api, "good", onnx_model(), version=1).status_code == 202
+    run_jobs(api)
+    before = api.get("/api/v1/models/good/versions/1", role="viewer").json()
+    r = upload(
+        api, "good", onnx_model() if model is None else model, filename=filename, version=2, **form
+    )
+    assert r.status_code == 422, r.text
+    assert needle in r.json()["detail"]
+    assert api.get("/api/v1/models/good/versions/2", role="viewer").status_code == 404
+    assert api.get("/api/v1/models/good/versions/1", role="viewer").json() == before
+    assert not list((api.settings.uploads_dir / "good").glob("*/source.bin"))
+
+
+def test_bad_model_name_rejected(api: Api) -> None:
+    r = upload(api, "Bad_Name", onnx_model())
+    assert r.status_code == 422
+
+
+def test_upload_too_large_413(settings: Settings, engine, tmp_path: Path) -> None:
+    small = settings.model_copy(update={"max_upload_bytes": 1024})
+    made = make_api(small, engine)
+    with made.client:
+        r = upload(made, "big", onnx_model(features=64, classes=64))
+        assert r.status_code == 413
+        assert "larger than the limit" in r.json()["detail"]
+
+
+def test_offline_signing_threshold_two(
+    tmp_path: Path, db_url: str, keys_2of2: Keys, engine
+) -> None:
+    settings = make_settings(tmp_path, db_url, keys_2of2, release_key=None)
+    api = make_api(settings, engine)
+    with api.client:
+        r = upload(api, "m", onnx_model(), signing="offline")
+        assert r.status_code == 202, r.text
+        run_jobs(api)
+        v = api.get("/api/v1/models/m/versions/1", role="viewer").json()
+        assert v["status"] == "awaiting_signatures"
+        assert v["signatures"] == {"keyids": [], "threshold": 2}
+        assert api.get("/api/v1/models/m/versions/1/bundle", role="viewer").status_code == 404
+        manifest = api.get("/api/v1/models/m/versions/1/manifest", role="viewer").content
+        assert hashlib.sha256(manifest).hexdigest() == v["manifest_sha256"]
+        k1, k2 = (load_signing_key(p) for p in keys_2of2.release)
+
+        def sign(key, message=manifest):
+            return {"keyid": key.keyid, "sig": base64.b64encode(key.sign(message)).decode()}
+
+        # A signature over other bytes, and one by a root key, are refused.
+        bad = api.post(
+            "/api/v1/models/m/versions/1/signatures",
+            role="publisher",
+            json=sign(k1, b"other bytes"),
+        )
+        assert bad.status_code == 422 and "does not verify" in bad.json()["detail"]
+        root_key = load_signing_key(keys_2of2.root[0])
+        bad = api.post(
+            "/api/v1/models/m/versions/1/signatures", role="publisher", json=sign(root_key)
+        )
+        assert bad.status_code == 422 and "not a release key" in bad.json()["detail"]
+        ok = api.post("/api/v1/models/m/versions/1/signatures", role="publisher", json=sign(k1))
+        assert ok.status_code == 200, ok.text
+        early = api.post("/api/v1/models/m/versions/1/publish", role="publisher")
+        assert early.status_code == 409 and "needs 2" in early.json()["detail"]
+        ok = api.post("/api/v1/models/m/versions/1/signatures", role="publisher", json=sign(k2))
+        assert ok.json()["signatures"]["keyids"] == sorted([k1.keyid, k2.keyid])
+        done = api.post("/api/v1/models/m/versions/1/publish", role="publisher")
+        assert done.status_code == 200, done.text
+        assert done.json()["status"] == "published"
+        _verify(api, "m", 1, keys_2of2.trust_root)
+        again = api.post("/api/v1/models/m/versions/1/publish", role="publisher")
+        assert again.status_code == 409
+        late = api.post("/api/v1/models/m/versions/1/signatures", role="publisher", json=sign(k1))
+        assert late.status_code == 409
+
+
+def test_online_key_counts_toward_threshold(
+    tmp_path: Path, db_url: str, keys_2of2: Keys, engine
+) -> None:
+    settings = make_settings(tmp_path, db_url, keys_2of2)
+    api = make_api(settings, engine)
+    with api.client:
+        upload(api, "m", onnx_model())
+        run_jobs(api)
+        v = api.get("/api/v1/models/m/versions/1", role="viewer").json()
+        assert v["status"] == "awaiting_signatures"
+        k2 = load_signing_key(keys_2of2.release[1])
+        manifest = api.get("/api/v1/models/m/versions/1/manifest", role="viewer").content
+        sig = {"keyid": k2.keyid, "sig": base64.b64encode(k2.sign(manifest)).decode()}
+        assert (
+            api.post(
+                "/api/v1/models/m/versions/1/signatures", role="publisher", json=sig
+            ).status_code
+            == 200
+        )
+        assert api.post("/api/v1/models/m/versions/1/publish", role="publisher").status_code == 200
+        _verify(api, "m", 1, keys_2of2.trust_root)
+
+
+def test_online_signing_without_key_is_refused(
+    tmp_path: Path, db_url: str, keys: Keys, engine
+) -> None:
+    api = make_api(make_settings(tmp_path, db_url, keys, release_key=None), engine)
+    with api.client:
+        r = upload(api, "m", onnx_model())
+        assert r.status_code == 503
+        assert "signing=offline" in r.json()["detail"]
