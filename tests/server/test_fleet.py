@@ -172,7 +172,7 @@ def test_acl_device_confined_to_its_topics(broker_api) -> None:
 
 
 def test_removed_device_loses_access(broker_api) -> None:
-    api, mq, connect = broker_api
+    api, _mq, connect = broker_api
     r = api.post("/api/v1/devices", role="operator", json={"device_class": "cam"})
     dev, pw = r.json()["mqtt_username"], r.json()["mqtt_password"]
     assert dev.startswith("dev-")
@@ -183,7 +183,7 @@ def test_removed_device_loses_access(broker_api) -> None:
 
 
 def test_group_change_rewrites_acl(broker_api) -> None:
-    api, mq, connect = broker_api
+    api, mq, _connect = broker_api
     api.post("/api/v1/devices", role="operator", json={"device_class": "cam", "device_id": "c1"})
     r = api.patch("/api/v1/devices/c1", role="operator", json={"groups": ["west", "east"]})
     assert r.status_code == 200 and r.json()["groups"] == ["east", "west"]
