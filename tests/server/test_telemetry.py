@@ -1,0 +1,145 @@
+"""Telemetry: idempotent ingest_batch on both databases, queries, retention."""
+
+from __future__ import annotations
+
+import threading
+from datetime import datetime, timedelta, timezone
+
+from edgefleet.messages import ModelRef, TelemetryRecord
+from server import metrics
+from server.services import telemetry
+from tests.server.conftest import Api
+
+T0 = datetime(2030, 5, 1, 12, 0, tzinfo=timezone.utc).timestamp()
+
+
+def rec(
+    device: str,
+    seq: int,
+    *,
+    at: float = T0,
+    model: tuple[str, int] | None = ("m", 1),
+    predictions: int = 10,
+) -> TelemetryRecord:
+    return TelemetryRecord(
+        device_id=device,
+        seq=seq,
+        window_start=at - 60,
+        window_end=at,
+        model=ModelRef(*model) if model else None,
+        predictions=predictions,
+    )
+
+
+def test_ingest_batch_dedupes_by_device_and_seq(sessions) -> None:
+    before = metrics.TELEMETRY_RECORDS.labels("duplicate")._value.get()
+    with sessions() as s:
+        assert telemetry.ingest_batch(s, [rec("a", 1), rec("a", 2), rec("b", 1)]) == (3, 0)
+        s.commit()
+    with sessions() as s:
+        # redelivery, a duplicate inside the batch, and one new record
+        batch = [rec("a", 2), rec("a", 3), rec("a", 3, predictions=99), rec("b", 1)]
+        assert telemetry.ingest_batch(s, batch) == (1, 3)
+        s.commit()
+    with sessions() as s:
+        rows, total = telemetry.query(s, device_id="a")
+        assert total == 3 and [r.seq for r in rows] == [3, 2, 1]
+        assert rows[0].predictions == 10  # the first copy won
+        assert rows[0].record == rec("a", 3).to_dict()
+    assert metrics.TELEMETRY_RECORDS.labels("duplicate")._value.get() == before + 3
+
+
+def test_ingest_batch_empty_and_large(sessions) -> None:
+    with sessions() as s:
+        assert telemetry.ingest_batch(s, []) == (0, 0)
+        big = [rec("d", i) for i in range(1, 1001)]
+        assert telemetry.ingest_batch(s, big) == (1000, 0)
+        assert telemetry.ingest_batch(s, big) == (0, 1000)
+        s.commit()
+
+
+def test_ingest_batch_rolls_back_with_the_transaction(sessions) -> None:
+    with sessions() as s:
+        telemetry.ingest_batch(s, [rec("a", 1)])
+        s.rollback()
+    with sessions() as s:
+        assert telemetry.ingest_batch(s, [rec("a", 1)]) == (1, 0)
+        s.commit()
+
+
+def test_ingest_batch_concurrent_replicas_store_each_record_once(sessions) -> None:
+    records = [rec("c", i) for i in range(1, 201)]
+    results: list[tuple[int, int]] = []
+    errors: list[BaseException] = []
+
+    def replica() -> None:
+        try:
+            with sessions() as s:
+                results.append(telemetry.ingest_batch(s, records))
+                s.commit()
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=replica) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert sum(stored for stored, _ in results) == 200
+    assert all(stored + dup == 200 for stored, dup in results)
+    with sessions() as s:
+        assert telemetry.query(s, device_id="c", limit=1)[1] == 200
+
+
+def test_query_filters_by_model_version_and_window(sessions) -> None:
+    with sessions() as s:
+        telemetry.ingest_batch(
+            s,
+            [
+                rec("a", 1, at=T0, model=("m", 1)),
+                rec("a", 2, at=T0 + 3600, model=("m", 2)),
+                rec("b", 1, at=T0 + 7200, model=("m", 2)),
+                rec("b", 2, at=T0 + 7200, model=None),
+            ],
+        )
+        s.commit()
+        t = datetime.fromtimestamp(T0, timezone.utc)
+        assert telemetry.query(s, model_name="m", model_version=2)[1] == 2
+        assert telemetry.query(s, model_name="m")[1] == 3
+        assert telemetry.query(s, since=t + timedelta(hours=1))[1] == 3
+        assert telemetry.query(s, since=t, until=t + timedelta(hours=1))[1] == 1
+        rows, total = telemetry.query(s, limit=2)
+        assert total == 4 and [r.window_end for r in rows][0] == t + timedelta(hours=2)
+
+
+def test_retention_deletes_old_windows(sessions) -> None:
+    now = datetime.fromtimestamp(T0, timezone.utc)
+    with sessions() as s:
+        telemetry.ingest_batch(
+            s, [rec("a", 1, at=T0 - 100 * 86400), rec("a", 2, at=T0 - 86400), rec("a", 3, at=T0)]
+        )
+        s.commit()
+        assert telemetry.apply_retention(s, timedelta(days=90), now=now) == 1
+        s.commit()
+        assert [r.seq for r in telemetry.query(s)[0]] == [3, 2]
+
+
+def test_telemetry_api(api: Api) -> None:
+    with api.sessions() as s:
+        telemetry.ingest_batch(s, [rec("a", 1), rec("a", 2, at=T0 + 60), rec("b", 1)])
+        s.commit()
+    r = api.get("/api/v1/telemetry", role="viewer", params={"device_id": "a"})
+    assert r.status_code == 200
+    assert [x["seq"] for x in r.json()["records"]] == [2, 1]
+    r = api.get(
+        "/api/v1/telemetry",
+        role="viewer",
+        params={"since": "2030-05-01T12:00:30Z", "model": "m", "version": 1},
+    )
+    assert r.json()["total"] == 1
+    naive = api.get("/api/v1/telemetry", role="viewer", params={"since": "2030-05-01T12:00:00"})
+    assert naive.status_code == 422 and "timezone" in naive.json()["detail"]
+    text = api.get("/metrics", role="viewer").text
+    assert 'edgefleet_telemetry_records_total{result="stored"}' in text
+    assert "edgefleet_api_request_seconds_bucket" in text
