@@ -110,7 +110,7 @@ def test_query_filters_by_model_version_and_window(sessions) -> None:
         assert telemetry.query(s, since=t + timedelta(hours=1))[1] == 3
         assert telemetry.query(s, since=t, until=t + timedelta(hours=1))[1] == 1
         rows, total = telemetry.query(s, limit=2)
-        assert total == 4 and [r.window_end for r in rows][0] == t + timedelta(hours=2)
+        assert total == 4 and rows[0].window_end == t + timedelta(hours=2)
 
 
 def test_retention_deletes_old_windows(sessions) -> None:
