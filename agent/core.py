@@ -118,7 +118,7 @@ from agent.state import (
 )
 from edgefleet.bundle import verify_bundle
 from edgefleet.errors import EdgefleetError, VerificationError
-from edgefleet.manifest import DeviceFacts
+from edgefleet.manifest import DeviceFacts, Manifest
 from edgefleet.timeutil import format_utc, utcnow
 from edgefleet.trust import TrustRoot
 
@@ -324,8 +324,8 @@ class Agent:
         except OSError as exc:
             self._release()
             raise _storage(exc, f"cannot prepare state directory {self.layout.root}") from exc
-        except Exception:
-            self._release()
+        except BaseException:
+            self._release()  # as the kernel would if the process died here
             raise
 
     # ------------------------------------------------------------------ hooks
@@ -358,6 +358,12 @@ class Agent:
         """The model answering ``predict`` now (None before the first install)."""
         model = self._serving
         return None if model is None else model.ref
+
+    @property
+    def serving_manifest(self) -> Manifest | None:
+        """The verified manifest of the serving model (inputs, outputs, drift reference)."""
+        model = self._serving
+        return None if model is None else model.manifest
 
     def device_facts(self) -> DeviceFacts:
         """The facts bundles are matched against (computed once)."""
@@ -581,7 +587,11 @@ class Agent:
         return self.status()
 
     def _settle(self) -> None:
-        if self._state.state not in (UpdateState.IDLE, UpdateState.DOWNLOADING):
+        """Finish an update interrupted in this process (e.g. by a storage error)."""
+        state = self._state
+        if state.state not in (UpdateState.IDLE, UpdateState.DOWNLOADING) or (
+            self.serving != state.active
+        ):
             self._drive(Boot())
 
     def _result(self, update_id: str) -> InstallResult:
@@ -613,9 +623,13 @@ class Agent:
         try:
             store_state(self._fs, self.layout.state_file, new)
         except OSError as exc:
-            # The rename may have happened before the failure: the file is the truth.
+            # The rename may have happened before the failure (the directory sync
+            # failed): the file is the truth.
             with contextlib.suppress(OSError, EdgefleetError):
                 self._state = load_state(self._fs, self.layout.state_file)
+            if self._state == new:
+                log.warning("state %s stored, but syncing it failed: %s", new.state.value, exc)
+                return
             raise _storage(
                 exc,
                 f"cannot store state {new.state.value} in {self.layout.state_file}; "

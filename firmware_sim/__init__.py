@@ -1,0 +1,9 @@
+"""Simulated edge devices that run the real agent against faulty hardware.
+
+``firmware_sim.disk`` (slots/disk: fault-injecting, durability-modelling
+filesystem; ENOSPC), ``firmware_sim.device`` (``SimDevice``: boot, power
+cycles, crashes, the network hook), ``firmware_sim.campaign`` (every-mutation
+crash sweeps and the recovery invariants), ``firmware_sim.sigkill`` (SIGKILL
+campaigns against real ``edgefleet agent install`` processes) and
+``firmware_sim.models`` (models and signed bundles made in code).
+"""
