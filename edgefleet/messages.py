@@ -811,34 +811,51 @@ class ChannelCounts:
 
 @dataclass(frozen=True)
 class ShadowSummary:
-    """How often the shadow model agreed with the primary one over a window."""
+    """The shadow model's comparison with the serving one.
+
+    Counters are cumulative since this shadow model started (the agent's
+    shadow runner keeps them); a receiver diffs successive records of the same
+    ``model`` for per-window figures.
+    """
 
     model: ModelRef | None
     compared: int
-    agreed: int
-    latency_p50_ms: float | None = None
+    dropped: int = 0  # comparisons skipped because the shadow queue was full
+    agreement: float | None = None  # top-1 agreement in [0, 1] (classifiers)
+    mean_abs_diff: float | None = None  # mean |shadow - serving| (other outputs)
+    latency_p50_ms: float | None = None  # shadow model
+    active_latency_p50_ms: float | None = None  # serving model
+    labelled: int = 0  # comparisons with a feedback label
+    active_accuracy: float | None = None
+    shadow_accuracy: float | None = None
+
+    _KEYS = (
+        "model", "compared", "dropped", "agreement", "mean_abs_diff", "latency_p50_ms",
+        "active_latency_p50_ms", "labelled", "active_accuracy", "shadow_accuracy",
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
-        if self.agreed > self.compared:
-            raise _fail("shadow", "agreed cannot exceed compared")
+        _int(self.compared, "shadow.compared")
+        _int(self.dropped, "shadow.dropped")
+        _int(self.labelled, "shadow.labelled")
+        for key in ("agreement", "active_accuracy", "shadow_accuracy"):
+            _opt_num(getattr(self, key), f"shadow.{key}", 0, 1)
+        for key in ("mean_abs_diff", "latency_p50_ms", "active_latency_p50_ms"):
+            _opt_num(getattr(self, key), f"shadow.{key}", 0)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "model": None if self.model is None else self.model.to_dict(),
-            "compared": self.compared,
-            "agreed": self.agreed,
-            "latency_p50_ms": self.latency_p50_ms,
-        }
+        out = {k: getattr(self, k) for k in self._KEYS}
+        out["model"] = None if self.model is None else self.model.to_dict()
+        return out
 
     @classmethod
     def from_dict(cls, d: Any) -> ShadowSummary:
-        d = _keys(d, "shadow", ("model", "compared", "agreed", "latency_p50_ms"))
-        return cls(
-            None if d["model"] is None else ModelRef.from_dict(d["model"], "shadow.model"),
-            _int(d["compared"], "shadow.compared"),
-            _int(d["agreed"], "shadow.agreed"),
-            _opt_num(d["latency_p50_ms"], "shadow.latency_p50_ms", 0),
+        d = _keys(d, "shadow", cls._KEYS)
+        fields = {k: d[k] for k in cls._KEYS}
+        fields["model"] = (
+            None if d["model"] is None else ModelRef.from_dict(d["model"], "shadow.model")
         )
+        return cls(**fields)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,1059 @@
+"""Telemetry: per-prediction observations -> windowed records -> disk spool -> broker.
+
+Flow:
+
+1. Hot path. ``TelemetryRecorder.observe(inputs, outputs, latency_s,
+   prediction_id)`` is the agent core's observer. It appends one tuple of
+   *references* to a bounded deque and increments a counter: O(1), no lock,
+   no numpy. When the deque is full the oldest observation is dropped and the
+   drop is counted (``dropped_observations``). Callers must not mutate the
+   arrays they passed afterwards.
+2. Aggregation, off the hot path (the recorder's thread every
+   ``aggregate_interval_s``, or ``aggregate()``): drained observations are
+   binned in vectorized batches over the manifest's drift-reference edges
+   (bin = ``searchsorted(edges, v, side="right")``, non-finite values counted
+   apart), latencies kept for quantiles, outputs summarised (moments and argmax
+   class counts), feedback labels joined with the predicted class, and sampled
+   raw inputs encoded (sampling is off by default and capped per window).
+3. Window close (every ``window_s``): one ``TelemetryRecord`` with the next
+   per-device ``seq`` is written to the ``Spool`` *first* (one file per record,
+   atomic write + fsync), never straight to the network.
+4. ``TelemetryPublisher.pump()`` publishes spooled records with QoS 1 and
+   deletes a record only when the broker's PUBACK says success (MQTT 5 reason
+   code < 0x80). A permanent refusal (e.g. not authorized) deletes and counts
+   it; any other failure, a disconnect or a missing PUBACK leaves it for a
+   later attempt. So a record can arrive twice (receivers dedupe on
+   ``(device_id, seq)``) but is lost only by the documented bounds.
+
+Invariants: ``seq`` strictly increases per device across restarts (the next
+value is persisted before the record is written; if the counter file is lost
+it restarts above both the spooled records and the current Unix time in
+milliseconds); the spool never exceeds ``max_records``/``max_bytes`` (the
+oldest records are evicted and counted, and the count is reported in the next
+record); a full disk (ENOSPC) or another I/O error while spooling is counted
+and reported, never raised: the agent keeps serving.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import errno
+import functools
+import itertools
+import logging
+import math
+import os
+import random
+import re
+import shutil
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from edgefleet import canonical
+from edgefleet.fsutil import atomic_write_bytes
+from edgefleet.messages import (
+    MAX_SAMPLE_BYTES,
+    ArraySample,
+    ChannelCounts,
+    FeatureCounts,
+    Feedback,
+    Health,
+    LatencySummary,
+    MalformedMessageError,
+    ModelRef,
+    OutputSummary,
+    Sample,
+    ShadowSummary,
+    SpoolCounters,
+    TelemetryRecord,
+    UpdateEvent,
+)
+
+__all__ = [
+    "HealthProbe",
+    "Spool",
+    "TelemetryOptions",
+    "TelemetryPublisher",
+    "TelemetryRecorder",
+]
+
+log = logging.getLogger(__name__)
+
+_RECORD_RE = re.compile(r"^(\d{20})\.rec$")
+_META = "meta.json"
+_KIND_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+_BROADCAST_LIMIT = 1 << 22  # booleans per vectorized comparison chunk (4 MiB)
+
+
+@dataclass(frozen=True)
+class TelemetryOptions:
+    """Telemetry bounds, with units."""
+
+    window_s: float = 60.0  # seconds covered by one record, [0.05, 86400]
+    aggregate_interval_s: float = 1.0  # seconds between buffer drains, [0.01, 60]
+    buffer_max: int = 10_000  # observations held between drains, [16, 10_000_000]
+    latency_reservoir: int = 100_000  # latencies kept per window for quantiles
+    spool_max_records: int = 10_000  # records kept on disk, [1, 1_000_000]
+    spool_max_bytes: int = 64 << 20  # bytes of records kept on disk, [4 KiB, 16 GiB]
+    sample_rate: float = 0.0  # fraction of predictions whose inputs are sampled, [0, 1]
+    samples_per_window: int = 0  # cap on samples per record, [0, 256]
+    feedback_per_window: int = 1024  # labels per record, [0, 4096]
+    events_per_window: int = 256  # update events per record, [1, 256]
+    publish_inflight: int = 8  # spooled records awaiting PUBACK at once, [1, 1000]
+    ack_timeout_s: float = 60.0  # seconds before an unacknowledged record is re-sent
+
+    def __post_init__(self) -> None:
+        checks: dict[str, tuple[float, float]] = {
+            "window_s": (0.05, 86400),
+            "aggregate_interval_s": (0.01, 60),
+            "buffer_max": (16, 10_000_000),
+            "latency_reservoir": (100, 10_000_000),
+            "spool_max_records": (1, 1_000_000),
+            "spool_max_bytes": (4096, 16 << 30),
+            "sample_rate": (0.0, 1.0),
+            "samples_per_window": (0, 256),
+            "feedback_per_window": (0, 4096),
+            "events_per_window": (1, 256),
+            "publish_inflight": (1, 1000),
+            "ack_timeout_s": (0.1, 86400),
+        }
+        for name, (lo, hi) in checks.items():
+            value = getattr(self, name)
+            if not lo <= value <= hi:
+                raise ValueError(f"TelemetryOptions.{name}={value} must be in [{lo}, {hi}]")
+
+
+# ------------------------------------------------------------------------ spool
+
+WriteFile = Callable[[Path, bytes], None]
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    atomic_write_bytes(path, data, mode=0o600)
+
+
+def _failure_kind(exc: OSError) -> str:
+    return "enospc" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "write_errors"
+
+
+class Spool:
+    """Bounded, crash-safe on-disk queue of encoded records, keyed by ``seq``.
+
+    Layout: ``<dir>/<seq as 20 digits>.rec`` (one record each, written
+    atomically) and ``<dir>/meta.json`` (``next_seq`` and the loss counters
+    not yet reported). ``write_file`` is the filesystem seam (tests inject a
+    full disk through it).
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        max_records: int = 10_000,
+        max_bytes: int = 64 << 20,
+        write_file: WriteFile = _atomic_write,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        """Open the spool, recovering the next sequence number.
+
+        Raises:
+            OSError: the directory cannot be created or listed.
+        """
+        self.dir = Path(directory)
+        self.max_records = max_records
+        self.max_bytes = max_bytes
+        self._write = write_file
+        self._lock = threading.Lock()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._sizes: dict[int, int] = {}
+        for path in self.dir.iterdir():
+            m = _RECORD_RE.match(path.name)
+            if m:
+                self._sizes[int(m.group(1))] = path.stat().st_size
+            elif path.name.startswith(".") and path.name.endswith(".tmp"):
+                with contextlib.suppress(OSError):
+                    path.unlink()  # a write interrupted by a crash
+        self._bytes = sum(self._sizes.values())
+        self._pending = SpoolCounters()
+        self._next = self._recover_next(clock)
+
+    def _recover_next(self, clock: Callable[[], float]) -> int:
+        floor = max(self._sizes, default=0) + 1
+        try:
+            doc = canonical.decode_strict((self.dir / _META).read_bytes())
+            nxt = int(doc["next_seq"])
+            self._pending = SpoolCounters.from_dict(doc["counters"])
+            return max(nxt, floor)
+        except FileNotFoundError:
+            if self._sizes:
+                log.warning("telemetry spool: meta.json missing; continuing above the clock")
+        except (ValueError, KeyError, TypeError, MalformedMessageError):
+            log.warning("telemetry spool: meta.json unreadable; continuing above the clock")
+        # A fresh (or damaged) spool starts above the wall clock in milliseconds,
+        # so seq keeps increasing even if the counter file was lost.
+        return max(floor, int(clock() * 1000))
+
+    def _meta_bytes(self, next_seq: int, counters: SpoolCounters) -> bytes:
+        return canonical.encode({"next_seq": next_seq, "counters": counters.to_dict()})
+
+    def _path(self, seq: int) -> Path:
+        return self.dir / f"{seq:020d}.rec"
+
+    @property
+    def next_seq(self) -> int:
+        return self._next
+
+    def counters(self) -> SpoolCounters:
+        """Losses not yet reported in a record."""
+        with self._lock:
+            return self._pending
+
+    def append(self, build: Callable[[int, SpoolCounters], bytes]) -> int | None:
+        """Build the next record with the unreported loss counters and spool it.
+
+        ``build(seq, counters)`` returns the encoded record. Room is made by
+        evicting the oldest records (counted as ``dropped``). The next ``seq``
+        and the reset counters are persisted *before* the record file, so a
+        crash can skip a ``seq`` but never reuse one.
+
+        Returns:
+            The record's ``seq``, or ``None`` if it could not be stored (the
+            loss is counted and reported in the next record; nothing raises).
+        """
+        with self._lock:
+            seq, counters = self._next, self._pending
+            data = build(seq, counters)
+            if len(data) > self.max_bytes:
+                self._pending = counters + SpoolCounters(dropped=1)
+                return None
+            evicted = 0
+            while self._sizes and (
+                len(self._sizes) >= self.max_records or self._bytes + len(data) > self.max_bytes
+            ):
+                oldest = min(self._sizes)
+                self._bytes -= self._sizes.pop(oldest)
+                with contextlib.suppress(OSError):
+                    self._path(oldest).unlink()
+                evicted += 1
+            carried = SpoolCounters(dropped=evicted)
+            try:
+                self._write(self.dir / _META, self._meta_bytes(seq + 1, carried))
+            except OSError as exc:
+                kind = _failure_kind(exc)
+                self._pending = counters + carried + SpoolCounters(**{kind: 1})
+                log.warning("telemetry spool: cannot reserve seq %d: %s", seq, exc)
+                return None
+            self._next = seq + 1
+            self._pending = carried
+            try:
+                self._write(self._path(seq), data)
+            except OSError as exc:
+                kind = _failure_kind(exc)
+                # The record carried the counters; it is lost, so they return.
+                self._pending = counters + carried + SpoolCounters(**{kind: 1})
+                with contextlib.suppress(OSError):
+                    self._write(self.dir / _META, self._meta_bytes(self._next, self._pending))
+                log.warning("telemetry spool: record %d lost: %s", seq, exc)
+                return None
+            self._sizes[seq] = len(data)
+            self._bytes += len(data)
+            return seq
+
+    def count_rejected(self) -> None:
+        """Count a record the broker refused for good (reported in the next record)."""
+        with self._lock:
+            self._pending = self._pending + SpoolCounters(rejected=1)
+
+    def pending(self) -> list[int]:
+        """Spooled sequence numbers, oldest first."""
+        with self._lock:
+            return sorted(self._sizes)
+
+    def read(self, seq: int) -> bytes | None:
+        """A spooled record's bytes (``None`` if it was removed or is unreadable)."""
+        try:
+            return self._path(seq).read_bytes()
+        except OSError:
+            return None
+
+    def remove(self, seq: int) -> None:
+        """Delete an acknowledged record (no-op if already gone)."""
+        with self._lock:
+            size = self._sizes.pop(seq, None)
+            if size is not None:
+                self._bytes -= size
+        with contextlib.suppress(OSError):
+            self._path(seq).unlink()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._sizes)
+
+    @property
+    def bytes(self) -> int:
+        with self._lock:
+            return self._bytes
+
+
+# ----------------------------------------------------------------------- health
+
+
+class HealthProbe:
+    """Reads device health where the platform exposes it; ``None`` elsewhere."""
+
+    def __init__(
+        self, disk_path: Path, thermal_glob: str = "/sys/class/thermal/thermal_zone*/temp"
+    ):
+        self.disk_path = Path(disk_path)
+        self.thermal_glob = thermal_glob
+        self._last = (time.monotonic(), time.process_time())
+
+    def snapshot(self) -> Health:
+        now, cpu = time.monotonic(), time.process_time()
+        last_now, last_cpu = self._last
+        self._last = (now, cpu)
+        cpu_percent = None
+        if now - last_now > 0:
+            cpu_percent = round(max(0.0, (cpu - last_cpu) / (now - last_now) * 100), 3)
+        load1 = None
+        with contextlib.suppress(OSError, AttributeError):
+            load1 = round(os.getloadavg()[0], 3)
+        disk = None
+        with contextlib.suppress(OSError):
+            disk = shutil.disk_usage(self.disk_path).free
+        return Health(cpu_percent, load1, self._rss(), disk, self._temperature())
+
+    @staticmethod
+    def _rss() -> int | None:
+        try:
+            with open("/proc/self/statm") as fh:
+                return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):
+            pass
+        try:
+            import resource
+
+            return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+        except (ImportError, OSError):  # pragma: no cover - non-POSIX
+            return None
+
+    def _temperature(self) -> float | None:
+        import glob
+
+        best = None
+        for path in glob.glob(self.thermal_glob):
+            try:
+                with open(path) as fh:
+                    value = int(fh.read().strip()) / 1000.0
+            except (OSError, ValueError):
+                continue
+            if -273.15 <= value <= 1000 and (best is None or value > best):
+                best = value
+        return best
+
+
+# ------------------------------------------------------------------ aggregation
+
+
+@dataclass
+class _Profile:
+    """Drift-reference edges compiled for vectorized binning."""
+
+    bins: int
+    # input -> (column indexes, names, edges matrix (F, bins-1))
+    features: dict[str, tuple[np.ndarray, list[str], np.ndarray]]
+    # input -> list of (channel, edges)
+    channels: dict[str, list[tuple[int, np.ndarray]]]
+
+    @classmethod
+    def compile(cls, ref: Mapping[str, Any] | None) -> _Profile | None:
+        if not ref:
+            return None
+        bins = int(ref["bins"])
+        feats: dict[str, list[tuple[int, str, list[float]]]] = {}
+        for f in ref.get("features", []):
+            feats.setdefault(str(f["input"]), []).append(
+                (int(f["index"]), str(f.get("name", f["index"])), list(f["edges"]))
+            )
+        chans: dict[str, list[tuple[int, np.ndarray]]] = {}
+        for c in ref.get("channels", []):
+            chans.setdefault(str(c["input"]), []).append(
+                (int(c["channel"]), np.asarray(c["edges"], dtype=np.float64))
+            )
+        features = {
+            name: (
+                np.asarray([i for i, _, _ in items], dtype=np.intp),
+                [n for _, n, _ in items],
+                np.asarray([e for _, _, e in items], dtype=np.float64).reshape(len(items), -1),
+            )
+            for name, items in feats.items()
+        }
+        return cls(bins, features, chans)
+
+
+def bin_matrix(values: np.ndarray, edges: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray]:
+    """Histogram every column of ``values`` (N, F) over its own edges (F, bins-1).
+
+    Equivalent to ``np.searchsorted(edges[f], values[:, f], side="right")`` per
+    column (the count of edges <= v), done as one broadcast comparison in row
+    chunks. Non-finite values are not binned.
+
+    Returns:
+        ``(counts (F, bins) int64, nonfinite (F,) int64)``.
+    """
+    n, f = values.shape
+    counts = np.zeros((f, bins), dtype=np.int64)
+    finite = np.isfinite(values)
+    nonfinite = (~finite).sum(axis=0).astype(np.int64)
+    if n == 0 or f == 0:
+        return counts, nonfinite
+    step = max(1, _BROADCAST_LIMIT // max(1, f * max(1, bins - 1)))
+    offsets = np.arange(f, dtype=np.int64) * (bins + 1)
+    for lo in range(0, n, step):
+        block = values[lo : lo + step]
+        idx = (block[:, :, None] >= edges[None, :, :]).sum(axis=2, dtype=np.int64)
+        idx[~finite[lo : lo + step]] = bins  # an extra, discarded bin
+        flat = np.bincount((idx + offsets).ravel(), minlength=f * (bins + 1))
+        counts += flat.reshape(f, bins + 1)[:, :bins]
+    return counts, nonfinite
+
+
+@dataclass
+class _OutputAcc:
+    count: int = 0
+    total: float = 0.0
+    total_sq: float = 0.0
+    lo: float = math.inf
+    hi: float = -math.inf
+    classes: np.ndarray | None = None
+    class_dim: int | None = None
+
+
+@dataclass
+class _Window:
+    start: float
+    predictions: int = 0
+    errors: int = 0
+    error_kinds: collections.Counter[str] = field(default_factory=collections.Counter)
+    latencies: list[np.ndarray] = field(default_factory=list)
+    latency_count: int = 0
+    features: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    channels: dict[tuple[str, int], list[Any]] = field(default_factory=dict)
+    outputs: dict[int, _OutputAcc] = field(default_factory=dict)
+    samples: list[Sample] = field(default_factory=list)
+    feedback: list[Feedback] = field(default_factory=list)
+    events: list[UpdateEvent] = field(default_factory=list)
+    dropped: int = 0
+
+
+def _encode_array(array: Any) -> ArraySample | None:
+    try:
+        a = np.asarray(array)
+        name = a.dtype.name
+        if a.dtype.kind not in "biuf":
+            return None
+        a = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<"))
+        data = a.tobytes()
+    except (TypeError, ValueError):
+        return None
+    if len(data) > MAX_SAMPLE_BYTES:
+        return None
+    try:
+        return ArraySample(name, tuple(int(n) for n in a.shape), data)
+    except MalformedMessageError:
+        return None
+
+
+def _stat(value: float | None) -> float | None:
+    if value is None or not math.isfinite(value):
+        return None
+    return float(round(value, 6))
+
+
+class TelemetryRecorder:
+    """Turns observations into windowed records in a ``Spool``.
+
+    Thread model: ``observe``, ``feedback`` and ``observe_error`` may be called
+    from any thread and never block; one background thread (``start``) drains
+    and closes windows; ``aggregate``/``close_window`` may also be called
+    directly (tests, shutdown).
+    """
+
+    def __init__(
+        self,
+        device_id: str,
+        spool: Spool,
+        options: TelemetryOptions | None = None,
+        *,
+        model: ModelRef | None = None,
+        drift_reference: Mapping[str, Any] | None = None,
+        shadow_stats: Callable[[], Mapping[str, Any] | None] | None = None,
+        health: HealthProbe | None = None,
+        clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.device_id = device_id
+        self.spool = spool
+        self.options = options or TelemetryOptions()
+        self._clock = clock
+        self._rng = rng or random.Random()
+        self._random = self._rng.random
+        self._buf: collections.deque[tuple[Any, Any, float, int]] = collections.deque(
+            maxlen=self.options.buffer_max
+        )
+        self._seen = itertools.count()
+        self._seen_value = 0
+        self._drained = 0
+        self._errors: collections.deque[str] = collections.deque(maxlen=10_000)
+        self._labels: collections.deque[tuple[int, Any]] = collections.deque(maxlen=10_000)
+        self._sampled: collections.deque[tuple[int, Any, Any]] = collections.deque(
+            maxlen=max(1, 2 * self.options.samples_per_window)
+        )
+        self._sample_rate = self.options.sample_rate if self.options.samples_per_window else 0.0
+        self._recent: collections.OrderedDict[int, int] = collections.OrderedDict()
+        self._lock = threading.RLock()
+        self._model = model
+        self._profile = _Profile.compile(drift_reference)
+        self._shadow_stats = shadow_stats
+        self._health = health or HealthProbe(spool.dir)
+        self._window = _Window(start=clock())
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self.records_written = 0
+        self.records_lost = 0
+
+    # ---------------------------------------------------------------- hot path
+
+    def observe(
+        self,
+        inputs: Mapping[str, np.ndarray],
+        outputs: Sequence[np.ndarray],
+        latency_s: float,
+        prediction_id: int,
+    ) -> None:
+        """Record one prediction: O(1), lock-free, keeps references only."""
+        self._buf.append((inputs, outputs, latency_s, prediction_id))
+        # Appended before counted, so aggregate() can under-count drops under
+        # concurrent observers but never over-count them.
+        self._seen_value = next(self._seen) + 1
+        if self._sample_rate and self._random() < self._sample_rate:
+            self._sampled.append((prediction_id, inputs, outputs))
+
+    def observe_error(self, kind: str = "error") -> None:
+        """Count a failed prediction (``kind``: a short lowercase word)."""
+        self._errors.append(kind)
+
+    def feedback(self, prediction_id: int, label: Any) -> None:
+        """Attach a ground-truth label to an earlier prediction (reported with it)."""
+        self._labels.append((prediction_id, label))
+
+    # ------------------------------------------------------------ bookkeeping
+
+    def event(
+        self,
+        kind: str,
+        *,
+        desired_version: int | None = None,
+        model: ModelRef | None = None,
+        reason: str | None = None,
+    ) -> UpdateEvent:
+        """Record an update event in the current window and return it.
+
+        Raises:
+            MalformedMessageError: ``kind`` is not a short lowercase word.
+        """
+        ev = UpdateEvent(
+            round(self._clock(), 3),
+            kind,
+            desired_version,
+            model,
+            None if reason is None else reason[:1024],
+        )
+        with self._lock:
+            if len(self._window.events) < self.options.events_per_window:
+                self._window.events.append(ev)
+        return ev
+
+    def set_model(self, model: ModelRef | None, drift_reference: Mapping[str, Any] | None) -> None:
+        """Switch the model being observed; the current window is closed first."""
+        with self._lock:
+            self.aggregate()
+            if self._window.predictions:
+                self.close_window()
+            self._model = model
+            self._profile = _Profile.compile(drift_reference)
+            self._recent.clear()
+
+    # ------------------------------------------------------------ aggregation
+
+    def aggregate(self) -> int:
+        """Drain the hot-path buffers into the current window; return observations drained."""
+        batch: list[tuple[Any, Any, float, int]] = []
+        pop = self._buf.popleft
+        try:
+            while True:
+                batch.append(pop())
+        except IndexError:
+            pass
+        with self._lock:
+            w = self._window
+            seen = self._seen_value
+            self._drained += len(batch)
+            lost = seen - self._drained - len(self._buf)
+            if lost > 0:
+                w.dropped += lost
+                self._drained += lost
+            while self._errors:
+                kind = self._errors.popleft()
+                w.errors += 1
+                if len(w.error_kinds) < 32 or kind in w.error_kinds:
+                    w.error_kinds[kind if _KIND_RE.match(kind) else "error"] += 1
+            if batch:
+                self._aggregate_batch(w, batch)
+            self._take_samples(w)
+            self._take_feedback(w)
+        return len(batch)
+
+    def _aggregate_batch(self, w: _Window, batch: list[tuple[Any, Any, float, int]]) -> None:
+        w.predictions += len(batch)
+        lat = np.fromiter((o[2] for o in batch), dtype=np.float64, count=len(batch)) * 1000.0
+        room = self.options.latency_reservoir - w.latency_count
+        if room < len(lat):  # keep a uniform subsample beyond the reservoir size
+            keep = self._rng.sample(range(len(lat)), max(0, room)) if room > 0 else []
+            lat = lat[sorted(keep)] if keep else lat[:0]
+        if len(lat):
+            w.latencies.append(lat)
+            w.latency_count += len(lat)
+        if self._profile is not None:
+            self._bin_features(w, batch, self._profile)
+            self._bin_channels(w, batch, self._profile)
+        self._summarise_outputs(w, batch)
+
+    def _bin_features(self, w: _Window, batch: list[Any], p: _Profile) -> None:
+        for name, (columns, _, edges) in p.features.items():
+            need = int(columns.max()) + 1 if len(columns) else 0
+            parts = []
+            for obs in batch:
+                value = obs[0].get(name) if isinstance(obs[0], Mapping) else None
+                if value is None:
+                    continue
+                try:
+                    a = np.asarray(value, dtype=np.float64)
+                except (TypeError, ValueError):
+                    w.error_kinds["bad-input"] += 1
+                    continue
+                if a.size == 0:
+                    continue
+                a = a.reshape(1, -1) if a.ndim == 0 else a.reshape(a.shape[0], -1)
+                if a.shape[1] < need:
+                    w.error_kinds["shape-mismatch"] += 1
+                    continue
+                parts.append(a[:, columns])
+            if not parts:
+                continue
+            counts, nonfinite = bin_matrix(np.concatenate(parts), edges, p.bins)
+            acc = w.features.get(name)
+            if acc is None:
+                w.features[name] = (counts, nonfinite)
+            else:
+                acc[0][...] += counts
+                acc[1][...] += nonfinite
+
+    def _bin_channels(self, w: _Window, batch: list[Any], p: _Profile) -> None:
+        for name, chans in p.channels.items():
+            arrays = []
+            for obs in batch:
+                value = obs[0].get(name) if isinstance(obs[0], Mapping) else None
+                if value is None:
+                    continue
+                try:
+                    a = np.asarray(value, dtype=np.float64)
+                except (TypeError, ValueError):
+                    continue
+                if a.ndim >= 3 and a.size:
+                    arrays.append(a.reshape(a.shape[0], a.shape[1], -1))
+            if not arrays:
+                continue
+            for channel, edges in chans:
+                parts = [a[:, channel].ravel() for a in arrays if a.shape[1] > channel]
+                if not parts:
+                    continue
+                values = np.concatenate(parts)
+                fin = np.isfinite(values)
+                good = values[fin]
+                idx = np.searchsorted(edges, good, side="right")
+                counts = np.bincount(idx, minlength=p.bins).astype(np.int64)
+                # [counts, nonfinite, n, sum, sum of squares]
+                acc = w.channels.setdefault(
+                    (name, channel), [np.zeros(p.bins, np.int64), 0, 0, 0.0, 0.0]
+                )
+                acc[0] += counts
+                acc[1] += int((~fin).sum())
+                acc[2] += int(good.size)
+                acc[3] += float(good.sum())
+                acc[4] += float(np.square(good).sum())
+
+    def _summarise_outputs(self, w: _Window, batch: list[Any]) -> None:
+        n_out = max((len(o[1]) for o in batch if isinstance(o[1], Sequence)), default=0)
+        for j in range(min(n_out, 64)):
+            arrays = []
+            pids = []
+            for obs in batch:
+                outs = obs[1]
+                if not isinstance(outs, Sequence) or len(outs) <= j:
+                    continue
+                try:
+                    a = np.asarray(outs[j])
+                except (TypeError, ValueError):
+                    continue
+                if a.dtype.kind not in "biuf":
+                    continue
+                arrays.append(a)
+                pids.append(obs[3])
+            if not arrays:
+                continue
+            acc = w.outputs.setdefault(j, _OutputAcc())
+            flat = np.concatenate([a.astype(np.float64, copy=False).ravel() for a in arrays])
+            good = flat[np.isfinite(flat)]
+            acc.count += int(good.size)
+            if good.size:
+                acc.total += float(good.sum())
+                acc.total_sq += float(np.square(good).sum())
+                acc.lo = min(acc.lo, float(good.min()))
+                acc.hi = max(acc.hi, float(good.max()))
+            self._count_classes(acc, arrays, pids if j == 0 else None)
+
+    def _count_classes(
+        self, acc: _OutputAcc, arrays: list[np.ndarray], pids: list[int] | None
+    ) -> None:
+        dim = arrays[0].shape[-1] if arrays[0].ndim >= 2 else None
+        if dim is None or not 2 <= dim <= 1024:
+            return
+        rows = [a.reshape(-1, dim) for a in arrays if a.ndim >= 2 and a.shape[-1] == dim]
+        if not rows:
+            return
+        if acc.class_dim is None:
+            acc.class_dim = dim
+            acc.classes = np.zeros(dim, dtype=np.int64)
+        if acc.class_dim != dim or acc.classes is None:
+            return
+        lengths = [len(r) for r in rows]
+        winners = np.argmax(np.concatenate(rows), axis=1)
+        acc.classes += np.bincount(winners, minlength=dim)
+        if pids is not None and len(rows) == len(pids):
+            starts = np.cumsum([0, *lengths[:-1]])
+            for pid, start, length in zip(pids, starts, lengths, strict=True):
+                if length:
+                    self._recent[pid] = int(winners[start])
+            while len(self._recent) > 4096:
+                self._recent.popitem(last=False)
+
+    def _take_samples(self, w: _Window) -> None:
+        while self._sampled:
+            pid, inputs, outputs = self._sampled.popleft()
+            if len(w.samples) >= self.options.samples_per_window:
+                continue
+            encoded_in = {}
+            if isinstance(inputs, Mapping):
+                for name, value in list(inputs.items())[:64]:
+                    enc = _encode_array(value)
+                    if enc is not None:
+                        encoded_in[str(name)[:256]] = enc
+            encoded_out = tuple(
+                e for e in (_encode_array(o) for o in list(outputs)[:64]) if e is not None
+            )
+            w.samples.append(Sample(pid, encoded_in, encoded_out))
+
+    def _take_feedback(self, w: _Window) -> None:
+        while self._labels:
+            pid, label = self._labels.popleft()
+            if len(w.feedback) >= self.options.feedback_per_window:
+                w.dropped += 1
+                continue
+            if isinstance(label, np.generic):
+                label = label.item()
+            try:
+                w.feedback.append(Feedback(int(pid), label, self._recent.get(pid)))
+            except (MalformedMessageError, TypeError, ValueError):
+                w.error_kinds["bad-feedback"] += 1
+
+    # ------------------------------------------------------------ window close
+
+    def _build(self, w: _Window, end: float, seq: int, counters: SpoolCounters) -> bytes:
+        latency = None
+        if w.latency_count:
+            lat = np.concatenate(w.latencies)
+            p50, p95, p99 = (float(round(v, 6)) for v in np.quantile(lat, [0.5, 0.95, 0.99]))
+            latency = LatencySummary(
+                count=w.predictions,
+                mean=float(round(lat.mean(), 6)),
+                p50=p50,
+                p95=p95,
+                p99=p99,
+                max=float(round(lat.max(), 6)),
+            )
+        outputs = []
+        for j, acc in sorted(w.outputs.items()):
+            mean = acc.total / acc.count if acc.count else None
+            var = acc.total_sq / acc.count - mean * mean if mean is not None else None
+            outputs.append(
+                OutputSummary(
+                    j,
+                    acc.count,
+                    _stat(mean),
+                    _stat(math.sqrt(max(var, 0.0))) if var is not None else None,
+                    _stat(acc.lo) if acc.count else None,
+                    _stat(acc.hi) if acc.count else None,
+                    None if acc.classes is None else tuple(int(c) for c in acc.classes),
+                )
+            )
+        features = []
+        channels = []
+        if self._profile is not None:
+            for name, (columns, names, _) in self._profile.features.items():
+                acc_f = w.features.get(name)
+                for k, col in enumerate(columns):
+                    counts = acc_f[0][k] if acc_f else np.zeros(self._profile.bins, np.int64)
+                    nonfinite = int(acc_f[1][k]) if acc_f else 0
+                    features.append(
+                        FeatureCounts(
+                            name, int(col), names[k][:256], tuple(int(c) for c in counts), nonfinite
+                        )
+                    )
+            for name, chans in self._profile.channels.items():
+                for channel, _ in chans:
+                    acc_c = w.channels.get((name, channel))
+                    if acc_c is None:
+                        channels.append(ChannelCounts(name, channel, (0,) * self._profile.bins))
+                        continue
+                    n = acc_c[2]
+                    mean = acc_c[3] / n if n else None
+                    std = (
+                        math.sqrt(max(acc_c[4] / n - mean * mean, 0.0))
+                        if mean is not None
+                        else None
+                    )
+                    channels.append(
+                        ChannelCounts(
+                            name,
+                            channel,
+                            tuple(int(c) for c in acc_c[0]),
+                            acc_c[1],
+                            _stat(mean),
+                            _stat(std),
+                        )
+                    )
+        record = TelemetryRecord(
+            device_id=self.device_id,
+            seq=seq,
+            window_start=round(w.start, 3),
+            window_end=round(max(end, w.start), 3),
+            model=self._model,
+            predictions=w.predictions,
+            errors=w.errors,
+            error_kinds=dict(w.error_kinds),
+            latency_ms=latency,
+            outputs=tuple(outputs),
+            features=tuple(features[:4096]),
+            channels=tuple(channels[:4096]),
+            shadow=self._shadow_summary(),
+            health=self._health.snapshot(),
+            events=tuple(w.events),
+            spool=counters,
+            dropped_observations=w.dropped,
+            samples=tuple(w.samples),
+            feedback=tuple(w.feedback),
+        )
+        return record.to_bytes()
+
+    def _shadow_summary(self) -> ShadowSummary | None:
+        if self._shadow_stats is None:
+            return None
+        try:
+            stats = self._shadow_stats()
+        except Exception:  # the shadow runner is optional; its bugs must not stop telemetry
+            log.exception("telemetry: shadow stats failed")
+            return None
+        if not stats:
+            return None
+        try:
+            model = ModelRef(str(stats["model"]), int(stats["version"]))
+        except (KeyError, TypeError, ValueError, MalformedMessageError):
+            model = None
+
+        def num(key: str, hi: float = math.inf) -> float | None:
+            v = stats.get(key)
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                return float(round(min(max(float(v), 0.0), hi), 6))
+            return None
+
+        try:
+            return ShadowSummary(
+                model=model,
+                compared=int(stats.get("compared") or 0),
+                dropped=int(stats.get("dropped") or 0),
+                agreement=num("top1_agreement", 1.0),
+                mean_abs_diff=num("mean_abs_diff"),
+                latency_p50_ms=num("shadow_latency_ms_p50"),
+                active_latency_p50_ms=num("active_latency_ms_p50"),
+                labelled=int(stats.get("labelled") or 0),
+                active_accuracy=num("active_accuracy", 1.0),
+                shadow_accuracy=num("shadow_accuracy", 1.0),
+            )
+        except (MalformedMessageError, TypeError, ValueError):
+            return None
+
+    def close_window(self) -> int | None:
+        """Aggregate, close the current window into the spool; return its ``seq``.
+
+        Returns ``None`` when the record could not be stored (counted; the
+        next record reports it). Never raises for I/O errors.
+        """
+        with self._lock:
+            self.aggregate()
+            end = self._clock()
+            w, self._window = self._window, _Window(start=end)
+            try:
+                seq = self.spool.append(lambda s, c: self._build(w, end, s, c))
+            except (MalformedMessageError, ValueError) as exc:  # a bug, not an I/O problem
+                log.exception("telemetry: cannot build record: %s", exc)
+                seq = None
+            if seq is None:
+                self.records_lost += 1
+            else:
+                self.records_written += 1
+            return seq
+
+    # ------------------------------------------------------------------ thread
+
+    def start(self) -> None:
+        """Run aggregation and window closing in a background thread."""
+        if self._thread is not None:
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="telemetry", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        interval = min(self.options.aggregate_interval_s, self.options.window_s)
+        while not self._stop.wait(interval):
+            try:
+                self.aggregate()
+                if self._clock() - self._window.start >= self.options.window_s:
+                    self.close_window()
+            except Exception:  # keep serving: telemetry problems are reported, not fatal
+                log.exception("telemetry: aggregation failed")
+
+    def stop(self, *, flush: bool = True) -> None:
+        """Stop the thread; with ``flush``, close the current window into the spool."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(10)
+            self._thread = None
+        if flush:
+            self.close_window()
+
+
+# -------------------------------------------------------------------- publisher
+
+
+class AckPublisher(Protocol):
+    """The slice of ``agent.mqtt.MqttConnection`` the publisher needs."""
+
+    @property
+    def connected(self) -> bool: ...
+
+    def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        qos: int = 1,
+        retain: bool = False,
+        on_ack: Callable[[Any], None] | None = None,
+    ) -> int: ...
+
+
+class TelemetryPublisher:
+    """Moves spooled records to the broker; a record leaves the spool only on PUBACK."""
+
+    def __init__(
+        self,
+        spool: Spool,
+        publisher: AckPublisher,
+        topic: str,
+        *,
+        max_inflight: int = 8,
+        ack_timeout_s: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.spool = spool
+        self._publisher = publisher
+        self.topic = topic
+        self.max_inflight = max_inflight
+        self.ack_timeout_s = ack_timeout_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._inflight: dict[int, float] = {}
+        self.acked = 0
+        self.rejected = 0
+        self.retried = 0
+
+    def pump(self) -> int:
+        """Publish spooled records not already awaiting a PUBACK; return how many.
+
+        Never raises: a transport failure leaves the records spooled.
+        """
+        if not self._publisher.connected:
+            return 0
+        now = self._clock()
+        sent = 0
+        with self._lock:
+            for seq, since in list(self._inflight.items()):
+                if now - since > self.ack_timeout_s:
+                    del self._inflight[seq]  # no PUBACK: send again (the receiver dedupes)
+                    self.retried += 1
+            candidates = [s for s in self.spool.pending() if s not in self._inflight]
+            room = self.max_inflight - len(self._inflight)
+        for seq in candidates[: max(0, room)]:
+            data = self.spool.read(seq)
+            if data is None:
+                continue
+            with self._lock:
+                self._inflight[seq] = now
+            try:
+                self._publisher.publish(
+                    self.topic, data, qos=1, on_ack=functools.partial(self._acked, seq)
+                )
+            except Exception as exc:  # TransportError from the connection: retry later
+                with self._lock:
+                    self._inflight.pop(seq, None)
+                log.info("telemetry: publish of %d deferred: %s", seq, exc)
+                break
+            sent += 1
+        return sent
+
+    def _acked(self, seq: int, result: Any) -> None:
+        with self._lock:
+            self._inflight.pop(seq, None)
+        if result.ok:
+            self.spool.remove(seq)
+            self.acked += 1
+        elif result.permanent_failure:
+            self.spool.remove(seq)
+            self.spool.count_rejected()
+            self.rejected += 1
+            log.warning("telemetry: broker refused record %d for good: %s", seq, result.reason)
+        else:
+            log.info("telemetry: broker refused record %d for now: %s", seq, result.reason)
+
+    def inflight(self) -> int:
+        with self._lock:
+            return len(self._inflight)
