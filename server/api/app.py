@@ -21,6 +21,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from sqlalchemy import Engine
+from sqlalchemy.exc import DataError
 
 from edgefleet import __version__
 from server import metrics
@@ -91,6 +92,12 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> FastAPI:
         if exc.status == 401:
             headers = {"WWW-Authenticate": "Bearer"}
         return JSONResponse({"detail": str(exc)}, status_code=exc.status, headers=headers)
+
+    @app.exception_handler(DataError)
+    async def _data_error(request: Request, exc: DataError) -> JSONResponse:
+        # Defense in depth: a value the database cannot store is the client's problem.
+        reason = str(exc.orig).splitlines()[0] if exc.orig else "invalid value"
+        return JSONResponse({"detail": f"the database refused a value: {reason}"}, 422)
 
     @app.middleware("http")
     async def _latency(

@@ -238,6 +238,8 @@ def _copy_limited(src: IO[bytes], dest: Path, limit: int, what: str) -> tuple[in
 
 
 def _source_format(filename: str) -> str:
+    if "\x00" in filename or len(filename) > 256:
+        raise InvalidInputError("model file name must be at most 256 characters, without NUL")
     lower = filename.lower()
     if lower.endswith(".onnx"):
         return "onnx"
@@ -271,8 +273,14 @@ def _check_options(name: str, options: VersionOptions) -> None:
         raise InvalidInputError("expires_days must be in [1, 3650]")
     if not 0.0 <= options.max_drop <= 1000.0:
         raise InvalidInputError("max_drop must be in [0, 1000]")
-    if len(options.description) > 4096:
-        raise InvalidInputError("description must be at most 4096 characters")
+    if len(options.description) > 4096 or "\x00" in options.description:
+        raise InvalidInputError("description must be at most 4096 characters, without NUL")
+    for text, what in (
+        (options.min_agent_version, "min_agent_version"),
+        (options.min_onnxruntime_version or "", "min_onnxruntime_version"),
+    ):
+        if "\x00" in text:
+            raise InvalidInputError(f"{what} must not contain NUL")
     if not isinstance(options.model_card, Mapping):
         raise InvalidInputError("model_card must be a JSON object")
     try:

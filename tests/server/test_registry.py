@@ -92,6 +92,7 @@ def test_conflict_while_queued_409(api: Api) -> None:
         ("model.onnx", None, {"model_card": "[1, 2]"}, "JSON object"),
         ("model.onnx", None, {"model_card": "{nope"}, "not JSON"),
         ("model.onnx", b"", {}, "empty"),
+        ("model.onnx", None, {"description": "a\x00b"}, "NUL"),
     ],
 )
 def test_bad_upload_rejected_with_reason(

@@ -6,13 +6,14 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, Request
 
+from edgefleet.topics import NAME_PATTERN
 from server.api import present, schemas
 from server.api.deps import Operator, Reader, SessionDep, SettingsDep
 from server.services import broker, fleet
 
 router = APIRouter(prefix="/devices", tags=["devices"])
 
-DeviceId = Annotated[str, Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
+DeviceId = Annotated[str, Path(pattern=NAME_PATTERN)]
 
 
 def _broker(sync: broker.BrokerSync) -> schemas.BrokerPublic:
@@ -53,9 +54,9 @@ def enroll(
 def list_devices(
     session: SessionDep,
     _: Reader,
-    group: Annotated[str | None, Query(max_length=64)] = None,
-    tag: Annotated[str | None, Query(max_length=64)] = None,
-    device_class: Annotated[str | None, Query(max_length=64)] = None,
+    group: Annotated[str | None, Query(pattern=NAME_PATTERN, max_length=64)] = None,
+    tag: Annotated[str | None, Query(pattern=NAME_PATTERN, max_length=64)] = None,
+    device_class: Annotated[str | None, Query(pattern=NAME_PATTERN, max_length=64)] = None,
     online: Annotated[bool | None, Query()] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     offset: Annotated[int, Query(ge=0, le=10**9)] = 0,

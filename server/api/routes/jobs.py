@@ -36,7 +36,7 @@ def list_jobs(
 
 @router.get("/{job_id}", response_model=schemas.JobPublic)
 def get_job(
-    job_id: Annotated[str, Path(max_length=32)], session: SessionDep, _: Reader
+    job_id: Annotated[str, Path(pattern=r"^[0-9a-f]{32}$")], session: SessionDep, _: Reader
 ) -> schemas.JobPublic:
     """One job: status, stage, progress (0..1), message, error."""
     return _public(session, jobs.get_job(session, job_id))

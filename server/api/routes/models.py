@@ -17,7 +17,8 @@ from server.services import registry
 
 router = APIRouter(prefix="/models", tags=["models"])
 
-ModelName = Annotated[str, Path(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$", description="model name")]
+MODEL_NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"  # = edgefleet.manifest model names
+ModelName = Annotated[str, Path(pattern=MODEL_NAME_PATTERN, description="model name")]
 VersionNo = Annotated[int, Path(ge=1, le=2**53 - 1, description="integer version")]
 
 

@@ -7,8 +7,10 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
+from edgefleet.topics import NAME_PATTERN
 from server.api import present, schemas
 from server.api.deps import Reader, SessionDep
+from server.api.routes.models import MODEL_NAME_PATTERN
 from server.errors import InvalidInputError
 from server.services import telemetry
 
@@ -19,8 +21,8 @@ router = APIRouter(prefix="/telemetry", tags=["telemetry"])
 def query_telemetry(
     session: SessionDep,
     _: Reader,
-    device_id: Annotated[str | None, Query(max_length=64)] = None,
-    model: Annotated[str | None, Query(max_length=64)] = None,
+    device_id: Annotated[str | None, Query(pattern=NAME_PATTERN, max_length=64)] = None,
+    model: Annotated[str | None, Query(pattern=MODEL_NAME_PATTERN, max_length=64)] = None,
     version: Annotated[int | None, Query(ge=1, le=2**53 - 1)] = None,
     since: Annotated[datetime | None, Query(description="window_end >= since")] = None,
     until: Annotated[datetime | None, Query(description="window_end < until")] = None,

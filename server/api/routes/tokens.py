@@ -52,7 +52,7 @@ def list_tokens(session: SessionDep, _: Admin) -> list[schemas.TokenPublic]:
 
 @router.delete("/tokens/{token_id}", response_model=schemas.TokenPublic)
 def revoke_token(
-    token_id: Annotated[str, Path(max_length=32)], session: SessionDep, principal: Admin
+    token_id: Annotated[str, Path(pattern=r"^[0-9a-f]{32}$")], session: SessionDep, principal: Admin
 ) -> schemas.TokenPublic:
     """Revoke a token at once (on every replica: tokens are checked in the database)."""
     row = tokens.revoke_token(session, token_id, principal.actor)
