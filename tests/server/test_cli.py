@@ -1,0 +1,219 @@
+"""CLI verbs against a live server (uvicorn on a free port), --json and tables."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import update
+
+from edgefleet.cli import main
+from edgefleet.messages import ModelRef, TelemetryRecord
+from server.models import AuditEntry
+from server.services import telemetry
+from tests.mosquitto import free_port
+from tests.server.conftest import Api, Keys, make_api, make_settings, onnx_model
+
+
+class LiveServer:
+    def __init__(self, api: Api) -> None:
+        import uvicorn
+
+        self.api = api
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(api.app, host="127.0.0.1", port=self.port, log_level="warning")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> LiveServer:
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            assert time.monotonic() < deadline, "uvicorn did not start"
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+def _live(tmp_path: Path, db_url: str, keys: Keys, engine, **overrides) -> Iterator[LiveServer]:
+    settings = make_settings(
+        tmp_path, db_url, keys, worker_enabled=True, worker_poll_seconds=0.05, **overrides
+    )
+    api = make_api(settings, engine)
+    with LiveServer(api) as live:
+        yield live
+
+
+@pytest.fixture
+def live(tmp_path: Path, db_url: str, keys: Keys, engine) -> Iterator[LiveServer]:
+    yield from _live(tmp_path, db_url, keys, engine)
+
+
+def run(capsys, live: LiveServer, *argv: str, role: str = "admin", as_json: bool = True):
+    args = [*argv, "--server", live.url, "--token", live.api.tokens[role]]
+    if as_json:
+        args.append("--json")
+    code = main(args)
+    out = capsys.readouterr().out
+    return code, (json.loads(out) if as_json else out)
+
+
+def test_publish_wait_and_models_ls(live: LiveServer, tmp_path: Path, capsys) -> None:
+    model = tmp_path / "tiny.onnx"
+    model.write_bytes(onnx_model())
+    code, out = run(
+        capsys,
+        live,
+        "publish",
+        str(model),
+        "--name",
+        "tiny",
+        "--version",
+        "2",
+        "--device-class",
+        "cam",
+        "--wait",
+        role="publisher",
+    )
+    assert code == 0, out
+    assert out["version"]["status"] == "published" and out["job"]["status"] == "succeeded"
+    code, out = run(capsys, live, "models", "ls", role="viewer")
+    assert code == 0 and out["models"][0]["latest_published"] == 2
+    code, text = run(capsys, live, "models", "ls", role="viewer", as_json=False)
+    assert code == 0 and "tiny" in text and "latest published" in text
+    code, text = run(capsys, live, "models", "show", "tiny", "2", role="viewer", as_json=False)
+    assert code == 0 and "published" in text and "lineage" in text
+    code, out = run(
+        capsys, live, "publish", str(model), "--name", "tiny", "--version", "2", role="publisher"
+    )
+    assert code == 1 and out["status"] == 409 and "immutable" in out["message"]
+
+
+def test_offline_signing_cli(tmp_path: Path, db_url: str, keys: Keys, engine, capsys) -> None:
+    for live in _live(tmp_path, db_url, keys, engine, release_key=None):
+        model = tmp_path / "m.onnx"
+        model.write_bytes(onnx_model())
+        code, out = run(
+            capsys,
+            live,
+            "publish",
+            str(model),
+            "--name",
+            "m",
+            "--signing",
+            "offline",
+            "--wait",
+            role="publisher",
+        )
+        assert code == 0 and out["version"]["status"] == "awaiting_signatures"
+        code, out = run(capsys, live, "models", "release", "m", "1", role="publisher")
+        assert code == 1 and out["status"] == 409
+        code, out = run(
+            capsys,
+            live,
+            "models",
+            "sign",
+            "m",
+            "1",
+            "--key",
+            str(keys.release[0]),
+            role="publisher",
+        )
+        assert code == 0 and out["signatures"]["keyids"]
+        code, out = run(capsys, live, "models", "release", "m", "1", role="publisher")
+        assert code == 0 and out["status"] == "published"
+
+
+def test_devices_enroll_ls_and_telemetry(live: LiveServer, tmp_path: Path, capsys) -> None:
+    out_file = tmp_path / "enroll.json"
+    code, out = run(
+        capsys,
+        live,
+        "devices",
+        "enroll",
+        "--id",
+        "cam-7",
+        "--class",
+        "cam",
+        "--group",
+        "lobby",
+        "--out",
+        str(out_file),
+        role="operator",
+    )
+    assert code == 0 and out["mqtt_username"] == "cam-7" and out["mqtt_password"]
+    assert json.loads(out_file.read_text())["mqtt_password"] == out["mqtt_password"]
+    assert out_file.stat().st_mode & 0o777 == 0o600
+    code, text = run(capsys, live, "devices", "ls", role="viewer", as_json=False)
+    assert code == 0 and "cam-7" in text and "lobby" in text
+    with live.api.sessions() as s:
+        telemetry.ingest_batch(
+            s, [TelemetryRecord("cam-7", 1, 1e9, 1e9 + 60, ModelRef("m", 1), predictions=42)]
+        )
+        s.commit()
+    code, out = run(capsys, live, "telemetry", "show", "--device", "cam-7", role="viewer")
+    assert code == 0 and out["records"][0]["predictions"] == 42
+    code, text = run(capsys, live, "telemetry", "show", role="viewer", as_json=False)
+    assert "cam-7" in text and "42" in text
+    code, out = run(
+        capsys, live, "devices", "enroll", "--id", "bad/id", "--class", "cam", role="operator"
+    )
+    assert code == 1 and out["status"] == 422
+    code, out = run(capsys, live, "devices", "enroll", "--class", "cam", role="viewer")
+    assert code == 1 and out["status"] == 403
+
+
+def test_audit_verify_cli_detects_tampering(live: LiveServer, capsys) -> None:
+    code, out = run(capsys, live, "audit", "verify")
+    assert code == 0 and out["ok"] is True
+    code, text = run(capsys, live, "audit", "verify", as_json=False)
+    assert "intact" in text
+    with live.api.sessions() as s:
+        s.execute(update(AuditEntry).where(AuditEntry.seq == 2).values(action="token.forged"))
+        s.commit()
+    code, out = run(capsys, live, "audit", "verify")
+    assert code == 10 and out["problems"][0]["seq"] == 2
+    code, text = run(capsys, live, "audit", "verify", as_json=False)
+    assert code == 10 and "TAMPERED" in text and "entry 2" in text
+
+
+def test_tokens_cli_and_errors(live: LiveServer, capsys) -> None:
+    code, out = run(capsys, live, "tokens", "create", "--name", "ci", "--role", "viewer")
+    assert code == 0 and out["token"].startswith("eft_")
+    code = main(["models", "ls", "--server", live.url, "--token", out["token"], "--json"])
+    assert code == 0
+    capsys.readouterr()
+    code = main(["models", "ls", "--server", live.url, "--token", "eft_nope", "--json"])
+    assert code == 1 and json.loads(capsys.readouterr().out)["status"] == 401
+    code = main(["models", "ls", "--server", f"http://127.0.0.1:{free_port()}", "--json"])
+    assert code == 30 and json.loads(capsys.readouterr().out)["error"] == "TransportError"
+
+
+def test_server_init_creates_admin_token(tmp_path: Path, keys: Keys, capsys) -> None:
+    config = tmp_path / "server.toml"
+    config.write_text(
+        f'database_url = "sqlite:///{tmp_path / "s.db"}"\n'
+        f'trust_root = "{keys.trust_root}"\n'
+        f'data_dir = "{tmp_path / "data"}"\n'
+    )
+    assert main(["server", "init", "--config", str(config), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["token"].startswith("eft_") and out["schema_revision"] == "0001"
+    from server.api.app import create_app
+    from server.settings import load_settings
+
+    app = create_app(load_settings(config))  # production start now succeeds
+    from fastapi.testclient import TestClient
+
+    with TestClient(app) as client:
+        me = client.get("/api/v1/whoami", headers={"Authorization": f"Bearer {out['token']}"})
+        assert me.json()["role"] == "admin"
+    app.state.engine.dispose()
