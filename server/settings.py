@@ -210,6 +210,7 @@ def prepare_demo(settings: Settings) -> Settings:
     if not password_path.exists():
         atomic_write_bytes(password_path, secrets.token_urlsafe(24).encode(), mode=0o600)
     update: dict[str, object] = {
+        "mqtt_url": settings.mqtt_url or "mqtt://127.0.0.1:1883",
         "trust_root": settings.trust_root or keys.trust_root_path,
         "release_key": settings.release_key or (release[0] if release else None),
         "mqtt_password": settings.mqtt_password or SecretStr(password_path.read_text().strip()),

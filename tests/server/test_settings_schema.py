@@ -101,3 +101,25 @@ def test_postgres_url_is_normalized(pg_database: str) -> None:
     engine = make_engine(pg_database)
     assert engine.dialect.driver == "psycopg"
     engine.dispose()
+
+
+def test_migrations_run_from_any_directory(tmp_path: Path) -> None:
+    """The Alembic scripts are package resources, not files next to the caller."""
+    import subprocess
+    import sys
+
+    code = (
+        "from server.db import make_engine, upgrade_schema;"
+        f"print(upgrade_schema(make_engine('sqlite:///{tmp_path / 'x.db'}')))"
+    )
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"},
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "0001"
