@@ -184,8 +184,15 @@ class InstallResult:
 
     @classmethod
     def from_event(cls, event: UpdateEvent) -> InstallResult:
-        return cls(event.update_id, event.kind, event.outcome, event.model, event.version,
-                   event.active, event.error)  # fmt: skip
+        return cls(
+            event.update_id,
+            event.kind,
+            event.outcome,
+            event.model,
+            event.version,
+            event.active,
+            event.error,
+        )
 
 
 def status_dict(
@@ -674,8 +681,11 @@ class Agent:
     def _verify_into(self, slot: str) -> Event:
         source = self._bundle
         if source is None:
-            return Failed(ErrorInfo.from_exception(
-                InterruptedUpdateError("the bundle is no longer available to verify")))  # fmt: skip
+            return Failed(
+                ErrorInfo.from_exception(
+                    InterruptedUpdateError("the bundle is no longer available to verify")
+                )
+            )
         slot_dir = self.layout.slot_dir(slot)
 
         def touch() -> None:
@@ -755,8 +765,12 @@ class Agent:
         return ActiveLoaded(None)
 
     def _report(self, event: UpdateEvent) -> None:
-        log.info("update %s %s: %s", event.update_id, event.outcome,
-                 event.error.message if event.error else "ok")  # fmt: skip
+        log.info(
+            "update %s %s: %s",
+            event.update_id,
+            event.outcome,
+            event.error.message if event.error else "ok",
+        )
         sink = self._event_sink
         if sink is None:
             return
@@ -886,10 +900,10 @@ class Agent:
                 runs=self.options.health_runs,
                 latency_factor=self.options.latency_budget_factor,
             )
-            if sorted(loaded.input_names) != sorted(serving.input_names):
+            if not _compatible_inputs(loaded.manifest, serving.manifest):
                 raise OutputSpecError(
-                    f"shadow inputs {sorted(loaded.input_names)} differ from the serving "
-                    f"model's {sorted(serving.input_names)}"
+                    f"shadow inputs {_describe_inputs(loaded.manifest)} differ from the serving "
+                    f"model's {_describe_inputs(serving.manifest)}"
                 )
             self.clear_shadow()
             self._shadow = ShadowRunner(
@@ -984,6 +998,25 @@ def _info(exc: BaseException, storage_what: str) -> ErrorInfo:
     if isinstance(exc, OSError):
         exc = _storage(exc, storage_what)
     return ErrorInfo.from_exception(exc)
+
+
+def _compatible_inputs(a: Manifest, b: Manifest) -> bool:
+    """Same input names and dtypes, same ranks, equal wherever both dimensions are fixed."""
+    specs = {t.name: t for t in b.inputs}
+    if sorted(specs) != sorted(t.name for t in a.inputs):
+        return False
+    for t in a.inputs:
+        other = specs[t.name]
+        if t.dtype != other.dtype or len(t.shape) != len(other.shape):
+            return False
+        for x, y in zip(t.shape, other.shape, strict=True):
+            if isinstance(x, int) and isinstance(y, int) and x != y:
+                return False
+    return True
+
+
+def _describe_inputs(m: Manifest) -> str:
+    return ", ".join(f"{t.name} {t.dtype}{list(t.shape)}" for t in m.inputs)
 
 
 def _bad_input(model: LoadedModel, exc: Exception) -> InvalidInputError:

@@ -277,7 +277,7 @@ def sweep(
             raise RuntimeError("the device did not boot before the fault")
         device.arm(FaultPlan(at=k, kind=mode))
         result = device.run(_tolerant(scenario.operate))
-        fired = device.disk.log[device.disk.count - 1] if device.disk.tripped else None
+        fired = device.disk.tripped_at if device.disk.tripped else None
         fault = f"{fired.op} {Path(fired.path).relative_to(device.root)}" if fired else ""
         if mode == "oserror":
             agent = device.agent
@@ -350,8 +350,9 @@ def _double(
             raise CampaignFailure(
                 f"{scenario.name} power at k={k} ({fault}) then at recovery mutation {j}: {exc}"
             ) from exc
-        runs.append(SweepRun(scenario.name, "power", k, fault, j, _key(status["active"]),
-                             device.boots))  # fmt: skip
+        runs.append(
+            SweepRun(scenario.name, "power", k, fault, j, _key(status["active"]), device.boots)
+        )
         device.power_off()
     shutil.rmtree(snapshot, ignore_errors=True)
     return runs

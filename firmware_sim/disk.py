@@ -132,6 +132,7 @@ class SimDisk:
         self.log: list[Mutation] = []
         self.free_bytes = free_bytes
         self.faults = 0
+        self.tripped_at: Mutation | None = None  # the last mutation a fault hit
         # Called after each mutation took effect (campaigns use it to find the
         # mutation that made an outcome durable).
         self.watch: Callable[[Mutation], None] | None = None
@@ -206,6 +207,7 @@ class SimDisk:
             return
         self._tripped = True
         self.faults += 1
+        self.tripped_at = self.log[-1]
         if plan.kind == "oserror":
             name = errno.errorcode.get(plan.errno, str(plan.errno))
             raise OSError(plan.errno, f"simulated {name}", str(path))

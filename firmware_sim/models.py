@@ -20,6 +20,7 @@ import hashlib
 import io
 import itertools
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,8 @@ from edgefleet.manifest import Manifest, PayloadEntry, Targets, TensorSpec
 from edgefleet.timeutil import utcnow
 
 __all__ = [
+    "GOLDEN_X",
+    "BundleSet",
     "Release",
     "cnn_model",
     "encode_array",
@@ -298,3 +301,85 @@ class Release:
             out, data, sign_manifest(data, self.release_keys()), [(entry, io.BytesIO(payload))]
         )
         return out
+
+
+GOLDEN_X = np.linspace(-1.0, 1.0, 16, dtype=np.float32).reshape(2, 8)
+
+
+@dataclass(frozen=True)
+class BundleSet:
+    """Signed bundles of the tiny model ``tiny`` for tests and campaigns.
+
+    ``v1``..``v3`` are good releases (golden health checks included). Every bad
+    one is version 5 so that it is above any good one: ``unknown_op`` (onnxruntime
+    cannot load it), ``garbage`` (not ONNX at all, but hash-verifies),
+    ``wrong_shape`` (outputs ``[batch, 4]``, manifest says 3), ``nan`` (NaN
+    outputs), ``slow`` (latency budget of 1 µs), ``golden_wrong`` (expected
+    outputs from another model), ``wrong_target`` (device class ``other``).
+    """
+
+    release: Release
+    v1: Path
+    v2: Path
+    v3: Path
+    unknown_op: Path
+    garbage: Path
+    wrong_shape: Path
+    nan: Path
+    slow: Path
+    golden_wrong: Path
+    wrong_target: Path
+
+    @property
+    def bad(self) -> dict[str, Path]:
+        """Bad bundles that pass verification but must fail the health check."""
+        return {
+            "unknown_op": self.unknown_op,
+            "garbage": self.garbage,
+            "wrong_shape": self.wrong_shape,
+            "nan": self.nan,
+            "slow": self.slow,
+            "golden_wrong": self.golden_wrong,
+        }
+
+    @classmethod
+    def build(cls, directory: Path) -> BundleSet:
+        """Create keys and every bundle under ``directory``."""
+        rel = Release(directory)
+        x = {"x": GOLDEN_X}
+        good = {}
+        for v in (1, 2, 3):
+            model = linear_model(seed=v)
+            good[v] = rel.build(model, version=v, health_check=golden_health_check(model, x))
+        tiny = linear_model(seed=9)
+        shape_model = wrong_shape_model()
+        return cls(
+            release=rel,
+            v1=good[1],
+            v2=good[2],
+            v3=good[3],
+            unknown_op=rel.build(unknown_op_model(), version=5, out=rel.dir / "unknown-op.bundle"),
+            garbage=rel.craft(
+                b"\x08\x07this is not an onnx model" * 8, version=5, out=rel.dir / "garbage.bundle"
+            ),
+            wrong_shape=rel.build(shape_model, version=5, out=rel.dir / "wrong-shape.bundle"),
+            nan=rel.build(nan_model(), version=5, out=rel.dir / "nan.bundle"),
+            slow=rel.build(
+                tiny,
+                version=5,
+                health_check=golden_health_check(tiny, x, latency_budget_ms=0.001),
+                out=rel.dir / "slow.bundle",
+            ),
+            golden_wrong=rel.build(
+                tiny,
+                version=5,
+                health_check=golden_health_check(tiny, x, expected_from=linear_model(seed=10)),
+                out=rel.dir / "golden-wrong.bundle",
+            ),
+            wrong_target=rel.build(
+                linear_model(seed=4),
+                version=5,
+                device_classes=("other",),
+                out=rel.dir / "wrong-target.bundle",
+            ),
+        )
