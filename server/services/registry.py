@@ -30,7 +30,7 @@ import json
 import shutil
 import tempfile
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -858,8 +858,3 @@ def publish(
     _publish_locked(session, settings, row, root, actor)
     session.commit()
     return row
-
-
-def version_sequence(rows: Sequence[ModelVersion]) -> list[int]:
-    """Version numbers in order (helper for listings)."""
-    return [r.version for r in rows]
