@@ -106,7 +106,11 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> FastAPI:
         start = time.perf_counter()
         response = await call_next(request)
         route = request.scope.get("route")
-        template = getattr(route, "path", "unmatched")
+        template = getattr(route, "path", None)
+        if template is None:
+            template = "unmatched"  # bounded label set: never the raw path
+        elif request.url.path.startswith(API_PREFIX + "/"):
+            template = API_PREFIX + template  # routes hold their path without the prefix
         metrics.API_LATENCY.labels(
             request.method, template, f"{response.status_code // 100}xx"
         ).observe(time.perf_counter() - start)

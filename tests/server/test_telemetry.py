@@ -142,4 +142,5 @@ def test_telemetry_api(api: Api) -> None:
     assert naive.status_code == 422 and "timezone" in naive.json()["detail"]
     text = api.get("/metrics", role="viewer").text
     assert 'edgefleet_telemetry_records_total{result="stored"}' in text
-    assert "edgefleet_api_request_seconds_bucket" in text
+    assert 'route="/api/v1/telemetry",status="2xx"' in text
+    assert 'route="/api/v1/telemetry",status="4xx"' in text
