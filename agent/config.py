@@ -46,8 +46,8 @@ Example (every key but ``device.id``, ``device.state_dir`` and
     samples_per_window = 0
 
     [http]
-    enabled = false                # local HTTP endpoint, off by default
-    bind = "127.0.0.1"
+    enabled = false                # local HTTP endpoint (agent.http_endpoint), off by default
+    bind = "127.0.0.1"             # loopback addresses only
     port = 8080
 
     [runtime]
@@ -57,6 +57,7 @@ Example (every key but ``device.id``, ``device.state_dir`` and
 
 from __future__ import annotations
 
+import ipaddress
 import stat
 import sys
 from collections.abc import Mapping
@@ -139,6 +140,15 @@ def _bool(sec: Mapping[str, Any], name: str, key: str, default: bool) -> bool:
     if not isinstance(value, bool):
         raise _fail(f"[{name}] {key}", f"must be true or false, got {value!r}")
     return value
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _path(sec: Mapping[str, Any], name: str, key: str, base: Path) -> Path | None:
@@ -418,6 +428,8 @@ def parse_config(doc: Mapping[str, Any], base: Path) -> AgentConfig:
         bind=_str(h, "http", "bind", "127.0.0.1"),
         port=_num(h, "http", "port", 8080, 1, 65535, integer=True),
     )
+    if not _is_loopback(http.bind):
+        raise _fail("[http] bind", f"{http.bind!r} is not a loopback address (local use only)")
     r = s["runtime"]
     runtime = RuntimeConfig(
         onnxruntime_threads=_num(r, "runtime", "onnxruntime_threads", 1, 0, 64, integer=True),

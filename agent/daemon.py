@@ -39,7 +39,7 @@ import platform
 import queue
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -72,7 +72,7 @@ from edgefleet.timeutil import utcnow
 from edgefleet.topics import DeviceChannel, DeviceTopic, GroupTopic, TopicError, parse
 from edgefleet.trust import TrustRoot
 
-__all__ = ["AgentCore", "Daemon", "DesiredBook", "LocalHttpEndpoint"]
+__all__ = ["AgentCore", "Daemon", "DesiredBook"]
 
 log = logging.getLogger(__name__)
 
@@ -718,128 +718,3 @@ class Daemon:
             "counters": dict(self.counters),
             "last_event": None if self._last_event is None else self._last_event.to_dict(),
         }
-
-
-# --------------------------------------------------------------- local HTTP
-
-
-class Predictor(Protocol):
-    """What the HTTP endpoint uses of ``agent.core.Agent`` besides ``AgentCore``."""
-
-    @property
-    def serving_manifest(self) -> Manifest | None: ...
-
-    def predict_with_id(self, inputs: Any) -> tuple[int, list[Any]]: ...
-
-    def feedback(self, prediction_id: int, label: Any) -> None: ...
-
-    def status(self) -> dict[str, Any]: ...
-
-
-MAX_HTTP_BODY = 1 << 20  # bytes of one request body
-
-
-class LocalHttpEndpoint:
-    """A small local HTTP API beside the daemon (off by default; bind to localhost).
-
-    ``GET /status`` -> ``{"daemon": ..., "agent": ...}``;
-    ``POST /predict`` ``{"inputs": {NAME: nested list}}`` ->
-    ``{"prediction_id", "outputs": [nested lists]}`` (inputs are cast to the
-    serving manifest's dtypes); ``POST /feedback`` ``{"prediction_id",
-    "label"}``. Bodies are JSON of at most 1 MiB; errors are
-    ``{"ok": false, "error", "message"}`` with status 400, 404, 413 or 503.
-    """
-
-    def __init__(self, daemon: Daemon, core: Predictor, bind: str, port: int) -> None:
-        import json
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-        import numpy as np
-
-        class Handler(BaseHTTPRequestHandler):
-            server_version = "edgefleet-agent"
-
-            def log_message(self, format: str, *args: Any) -> None:
-                log.debug("http: " + format, *args)
-
-            def _send(self, code: int, body: Mapping[str, Any]) -> None:
-                data = json.dumps(body, sort_keys=True, default=str).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def _error(self, code: int, name: str, message: str) -> None:
-                self._send(code, {"ok": False, "error": name, "message": message})
-
-            def do_GET(self) -> None:
-                if self.path != "/status":
-                    return self._error(404, "NotFound", f"no resource {self.path}")
-                self._send(200, {"ok": True, "daemon": daemon.status(), "agent": core.status()})
-
-            def _body(self) -> dict[str, Any] | None:
-                length = int(self.headers.get("Content-Length") or 0)
-                if length > MAX_HTTP_BODY:
-                    self._error(413, "TooLarge", f"body above {MAX_HTTP_BODY} bytes")
-                    return None
-                try:
-                    doc = json.loads(self.rfile.read(length) or b"{}")
-                except ValueError as exc:
-                    self._error(400, "BadJson", str(exc))
-                    return None
-                if not isinstance(doc, dict):
-                    self._error(400, "BadJson", "body must be a JSON object")
-                    return None
-                return doc
-
-            def do_POST(self) -> None:
-                if self.path not in ("/predict", "/feedback"):
-                    return self._error(404, "NotFound", f"no resource {self.path}")
-                doc = self._body()
-                if doc is None:
-                    return None
-                if self.path == "/feedback":
-                    pid = doc.get("prediction_id")
-                    if not isinstance(pid, int) or isinstance(pid, bool):
-                        return self._error(400, "BadRequest", "prediction_id must be an integer")
-                    core.feedback(pid, doc.get("label"))
-                    return self._send(200, {"ok": True})
-                manifest = core.serving_manifest
-                if manifest is None:
-                    return self._error(503, "NoActiveModelError", "no model installed")
-                raw = doc.get("inputs")
-                if not isinstance(raw, dict):
-                    return self._error(400, "BadRequest", "inputs must be an object of arrays")
-                dtypes = {t.name: t.dtype for t in manifest.inputs}
-                try:
-                    feed = {
-                        name: np.asarray(value, dtype=dtypes.get(name, "float32"))
-                        for name, value in raw.items()
-                    }
-                    pid, outputs = core.predict_with_id(feed)
-                except (EdgefleetError, TypeError, ValueError) as exc:
-                    daemon.recorder.observe_error("bad-input")
-                    return self._error(400, type(exc).__name__, str(exc))
-                self._send(
-                    200,
-                    {
-                        "ok": True,
-                        "prediction_id": pid,
-                        "outputs": [np.asarray(o).tolist() for o in outputs],
-                    },
-                )
-
-        self._server = ThreadingHTTPServer((bind, port), Handler)
-        self._server.daemon_threads = True
-        self.address = self._server.server_address
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, name="edgefleet-http", daemon=True
-        )
-        self._thread.start()
-
-    def close(self) -> None:
-        """Stop serving and release the port."""
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(5)

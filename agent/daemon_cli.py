@@ -2,8 +2,8 @@
 
 Flow: ``agent.cli`` calls ``add_run_parser`` on its sub-parsers; the handler
 loads the TOML configuration, opens the agent core on the state directory
-(the "boot": recovery runs here), starts the ``Daemon`` (and the local HTTP
-endpoint when ``[http] enabled``), and runs until SIGTERM/SIGINT or
+(the "boot": recovery runs here), starts the ``Daemon`` (and the core's local
+HTTP endpoint, ``agent.http_endpoint``, when ``[http] enabled``), and runs until SIGTERM/SIGINT or
 ``--exit-after``. Importing this module is cheap: the core, numpy, paho and
 onnxruntime are imported by the handler only.
 
@@ -93,7 +93,8 @@ def _run(args: argparse.Namespace) -> int:
         return emit_error("ConfigError", 1, str(exc), as_json)
 
     from agent.core import Agent
-    from agent.daemon import Daemon, LocalHttpEndpoint
+    from agent.daemon import Daemon
+    from agent.http_endpoint import HttpEndpoint
     from edgefleet.messages import UpdateEvent
 
     def on_event(ev: UpdateEvent) -> None:
@@ -126,7 +127,7 @@ def _run(args: argparse.Namespace) -> int:
             timer.start()
         daemon.start()
         if config.http.enabled:
-            http = LocalHttpEndpoint(daemon, agent, config.http.bind, config.http.port)
+            http = HttpEndpoint(agent, port=config.http.port, host=config.http.bind).start()
         broker = f"{config.broker.host}:{config.broker.port}"
         _line(
             as_json,
@@ -135,7 +136,7 @@ def _run(args: argparse.Namespace) -> int:
                 "device_id": config.device.id,
                 "broker": broker,
                 "state_dir": str(config.device.state_dir),
-                "http": None if http is None else list(http.address),
+                "http": None if http is None else http.url,
             },
             f"edgefleet agent [bold]{config.device.id}[/] running (broker {broker}); "
             "Ctrl-C to stop",

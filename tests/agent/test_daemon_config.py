@@ -59,6 +59,7 @@ def test_minimal_config_has_safe_defaults(tmp_path: Path) -> None:
         ("[http]\nenabled = 'yes'\n", "enabled"),
         ("[runtime]\ntrial_boot_limit = 0\n", "trial_boot_limit"),
         ("port = true\n", "port"),
+        ("[http]\nbind = '0.0.0.0'\n", "loopback"),
     ],
 )
 def test_bad_keys_and_values_are_refused(tmp_path: Path, extra: str, needle: str) -> None:
