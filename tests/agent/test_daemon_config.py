@@ -103,3 +103,27 @@ def test_unreadable_or_invalid_files_are_config_errors(tmp_path: Path) -> None:
         load_config(write(tmp_path, "[device\n"))
     with pytest.raises(ConfigError, match="groups"):
         load_config(write(tmp_path, MINIMAL.replace("[broker]", 'groups = ["a", "a"]\n[broker]')))
+
+
+def _modules_after(code: str) -> set[str]:
+    import json
+    import subprocess
+    import sys
+
+    script = f"{code}\nimport json, sys\nprint(json.dumps(sorted(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    return set(json.loads(out.stdout.splitlines()[-1]))
+
+
+def test_daemon_modules_import_nothing_heavy_or_server_side() -> None:
+    mods = _modules_after(
+        "import agent.daemon, agent.daemon_cli, agent.config, agent.mqtt, agent.download, "
+        "agent.telemetry"
+    )
+    forbidden = ("torch", "fastapi", "sqlalchemy", "server", "compression", "onnx")
+    assert sorted(m for m in mods if m.split(".")[0] in forbidden) == []
+
+
+def test_run_verb_registration_is_cheap() -> None:
+    mods = _modules_after("import agent.daemon_cli")
+    assert not {"paho", "numpy", "onnxruntime", "agent.core", "agent.daemon"} & mods
