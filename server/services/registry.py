@@ -212,7 +212,7 @@ def get_version(session: Session, name: str, version: int) -> ModelVersion:
 
 def signature_status(version: ModelVersion, root: TrustRoot | None) -> tuple[list[str], int | None]:
     """Key ids that signed, and the release threshold (None without a trust root)."""
-    keyids = [s.keyid for s in version.signatures]
+    keyids = sorted(s.keyid for s in version.signatures)
     return keyids, (root.role("release").threshold if root is not None else None)
 
 
