@@ -688,9 +688,13 @@ class Agent:
             )
         slot_dir = self.layout.slot_dir(slot)
 
+        touched = False
+
         def touch() -> None:
+            nonlocal touched
             action = self._step(PayloadStarting())
             assert isinstance(action, Continue), action
+            touched = True
             clean_slot(self._fs, self.layout, slot)
 
         writer = SlotWriter(self._fs, slot_dir, on_first_begin=touch)
@@ -707,6 +711,10 @@ class Agent:
             writer.write_metadata(verified.manifest_bytes, verified.signatures)
         except (EdgefleetError, OSError) as exc:
             writer.discard()
+            if touched:
+                # Free the space now: on a full disk, recording the abort needs it.
+                with contextlib.suppress(OSError):
+                    clean_slot(self._fs, self.layout, slot)
             return Failed(_info(exc, f"writing slot {slot} failed"))
         m = verified.manifest
         return Verified(SlotRef(slot, m.name, m.version, verified.manifest_sha256))
