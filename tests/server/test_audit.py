@@ -118,3 +118,27 @@ def test_audit_verify_endpoint_reports_tampering(api: Api) -> None:
     assert body["problems"][0]["seq"] == 5 and body["problems"][0]["kind"] == "edited"
     listing = api.get("/api/v1/audit", params={"after": 4}).json()
     assert listing["entries"][0]["target"] == "token/forged"
+
+
+def test_concurrent_appends_never_fork_the_chain(sessions) -> None:
+    import threading
+
+    errors: list[BaseException] = []
+
+    def writer(n: int) -> None:
+        try:
+            for i in range(10):
+                with sessions() as s:
+                    audit.record(s, f"replica-{n}", "thing.do", f"thing/{n}/{i}")
+                    s.commit()
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    report = _verify(sessions)
+    assert report.ok and report.entries == 40 and report.head_seq == 40
