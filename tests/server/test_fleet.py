@@ -321,3 +321,29 @@ def test_record_status_and_facts(api: Api) -> None:
     text = api.get("/metrics", role="viewer").text
     assert "edgefleet_devices_online 0.0" in text
     assert 'edgefleet_update_events_total{outcome="committed"}' in text
+
+
+def test_concurrent_enrollments_all_reach_the_password_file(api: Api) -> None:
+    errors: list[BaseException] = []
+
+    def replica(n: int) -> None:
+        try:
+            for i in range(5):
+                with api.sessions() as s:
+                    fleet.enroll(
+                        s, api.settings, device_class="cam", device_id=f"r{n}-{i}", actor="test"
+                    )
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=replica, args=(n,)) for n in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    users = {
+        line.split(":", 1)[0]
+        for line in api.settings.mosquitto_password_file.read_text().splitlines()
+    }
+    assert users == {"edgefleet-server"} | {f"r{n}-{i}" for n in range(3) for i in range(5)}
