@@ -126,7 +126,7 @@ def test_download_survives_broker_restart_mid_download(
         mosquitto.restart(down_s=0.3)
         restarted.set()
 
-    faults = NetworkFaults(delay_s=0.005)
+    faults = NetworkFaults(delay_s=0.005, drop_frames=frozenset({3, 7, 30}))
     dev = device()
     dl = dev.downloader_for(tmp_path / "state", ref, faults=faults, window_blocks=8)
     original_admit = faults.admit
@@ -138,9 +138,22 @@ def test_download_survives_broker_restart_mid_download(
 
     faults.admit = admit  # type: ignore[method-assign]
     out = dl.run(deadline_s=60)
-    assert restarted.is_set()
+    assert restarted.is_set() and faults.dropped == 3
     assert sha(out) == ref.sha256
     assert dev.conn.connects >= 2
+
+
+def test_download_survives_a_dropped_connection(
+    mosquitto, chunk_service, device, bundle_file, tmp_path
+):
+    path, ref = bundle_file
+    chunk_service(mosquitto, {ref.id: path})
+    dev = device()
+    faults = NetworkFaults(disconnect_after=10, disconnect=dev.conn.drop_connection)
+    dl = dev.downloader_for(tmp_path / "state", ref, faults=faults, window_blocks=16)
+    out = dl.run(deadline_s=30)
+    assert sha(out) == ref.sha256
+    assert dev.conn.connects >= 2  # the connection really went down and came back
 
 
 def test_download_resumes_after_agent_restart(
