@@ -18,7 +18,7 @@ Example (every key but ``device.id``, ``device.state_dir`` and
     trust_root = ""                # trust-root.json pinned on first start ("" = already pinned)
 
     [broker]
-    host = "broker.example.net"
+    host = "broker.example.net"    # or url = "mqtts://broker.example.net:8883"
     port = 1883                    # 8883 is usual with TLS
     tls = false
     ca_file = ""                   # "" = system trust store
@@ -64,6 +64,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from agent.download import DownloadOptions
 from agent.mqtt import MqttOptions, TlsOptions, Will
@@ -326,9 +327,9 @@ class AgentConfig:
 _SECTIONS = {
     "device": {"id", "class", "state_dir", "groups", "trust_root"},
     "broker": {
-        "host", "port", "tls", "ca_file", "cert_file", "key_file", "username", "password_file",
-        "keepalive_s", "session_expiry_s", "connect_timeout_s", "backoff_initial_s",
-        "backoff_max_s",
+        "url", "host", "port", "tls", "ca_file", "cert_file", "key_file", "username",
+        "password_file", "keepalive_s", "session_expiry_s", "connect_timeout_s",
+        "backoff_initial_s", "backoff_max_s",
     },
     "download": {"chunk_size", "chunk_timeout_s", "window_blocks", "max_bundle_bytes"},
     "telemetry": {
@@ -337,6 +338,33 @@ _SECTIONS = {
     "http": {"enabled", "bind", "port"},
     "runtime": {"onnxruntime_threads", "trial_boot_limit"},
 }  # fmt: skip
+
+
+def _broker_address(b: Mapping[str, Any]) -> tuple[str, int, bool]:
+    """``(host, port, tls)`` from ``url`` or from ``host``/``port``/``tls`` (not both)."""
+    url = _str(b, "broker", "url", "")
+    if url:
+        if {"host", "port", "tls"} & set(b):
+            raise _fail("[broker] url", "give either url or host/port/tls, not both")
+        parts = urlsplit(url)
+        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+            raise _fail("[broker] url", f"{url!r} must look like mqtt://HOST[:PORT] or mqtts://...")
+        if parts.username or parts.password or parts.path not in ("", "/") or parts.query:
+            raise _fail("[broker] url", "no credentials, path or query in the url")
+        tls = parts.scheme == "mqtts"
+        try:
+            port = parts.port or (8883 if tls else 1883)
+        except ValueError as exc:
+            raise _fail("[broker] url", str(exc)) from exc
+        return parts.hostname, port, tls
+    host = _str(b, "broker", "host", "")
+    if not host:
+        raise _fail("[broker] host", "is required (or give url)")
+    return (
+        host,
+        _num(b, "broker", "port", 1883, 1, 65535, integer=True),
+        _bool(b, "broker", "tls", False),
+    )
 
 
 def parse_config(doc: Mapping[str, Any], base: Path) -> AgentConfig:
@@ -375,14 +403,12 @@ def parse_config(doc: Mapping[str, Any], base: Path) -> AgentConfig:
     )
 
     b = s["broker"]
-    host = _str(b, "broker", "host", "")
-    if not host:
-        raise _fail("[broker] host", "is required")
+    host, port, tls = _broker_address(b)
     username = _str(b, "broker", "username", "") or None
     broker = BrokerConfig(
         host=host,
-        port=_num(b, "broker", "port", 1883, 1, 65535, integer=True),
-        tls=_bool(b, "broker", "tls", False),
+        port=port,
+        tls=tls,
         ca_file=_path(b, "broker", "ca_file", base),
         cert_file=_path(b, "broker", "cert_file", base),
         key_file=_path(b, "broker", "key_file", base),

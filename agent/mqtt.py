@@ -56,6 +56,7 @@ __all__ = [
     "PublishError",
     "PublishResult",
     "TlsError",
+    "TlsHandshakeError",
     "TlsOptions",
     "Will",
 ]
@@ -81,6 +82,10 @@ class MqttError(TransportError):
 
 class BrokerUnavailableError(MqttError):
     """No connection could be opened (refused, unreachable, DNS, timeout)."""
+
+
+class TlsHandshakeError(BrokerUnavailableError):
+    """The TLS handshake failed (untrusted or mismatched broker certificate, protocol)."""
 
 
 class ConnectionRefusedByBrokerError(MqttError):
@@ -341,6 +346,16 @@ class MqttConnection:
                     self._client.reconnect()
                     socket_open = True
                     opened_at = time.monotonic()
+                except ssl.SSLError as exc:
+                    self._record(
+                        TlsHandshakeError(
+                            f"TLS with {self.options.host}:{self.options.port} failed: {exc}"
+                        ),
+                        exc,
+                    )
+                    self._stop.wait(self._delay(attempt))
+                    attempt += 1
+                    continue
                 except (OSError, ValueError) as exc:
                     self._record(
                         BrokerUnavailableError(

@@ -1,7 +1,8 @@
 """A real Mosquitto broker for tests: generated config, free port, restart, teardown.
 
 Flow: ``Mosquitto(workdir)`` writes ``mosquitto.conf`` (and, when users are
-given, a password file with PBKDF2-SHA512 ``$7$`` hashes and an ACL file) into
+given, a password file with PBKDF2-SHA512 ``$7$`` hashes and an ACL file; with
+``tls``, a TLS listener with the given CA, certificate and key) into
 ``workdir``; ``start()`` launches ``mosquitto -c`` and returns once the port
 accepts TCP connections; ``stop()`` sends SIGTERM (Mosquitto then writes its
 persistence database) and waits; ``restart()`` is stop + start on the same
@@ -59,6 +60,7 @@ class Mosquitto:
         acl: str | None = None,
         allow_anonymous: bool | None = None,
         persistence: bool = True,
+        tls: tuple[Path, Path, Path] | None = None,
     ) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -68,6 +70,7 @@ class Mosquitto:
         self.acl = acl
         self.allow_anonymous = (not self.users) if allow_anonymous is None else allow_anonymous
         self.persistence = persistence
+        self.tls = tls  # (CA certificate, server certificate, server key) PEM files
         self.proc: subprocess.Popen[bytes] | None = None
         self.config_path = self.workdir / "mosquitto.conf"
         self.log_path = self.workdir / "mosquitto.log"
@@ -86,6 +89,9 @@ class Mosquitto:
             "max_queued_messages 10000",
             "max_keepalive 3600",
         ]
+        if self.tls is not None:
+            ca, cert, key = self.tls
+            lines += [f"cafile {ca}", f"certfile {cert}", f"keyfile {key}"]
         if os.geteuid() == 0:
             lines.append(f"user {getpass.getuser()}")
         if self.persistence:

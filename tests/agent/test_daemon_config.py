@@ -96,6 +96,20 @@ def test_tls_settings_are_consistent(tmp_path: Path) -> None:
     assert cfg.broker.ca_file == tmp_path / "ca.pem"
 
 
+def test_broker_url_sets_host_port_and_tls(tmp_path: Path) -> None:
+    text = MINIMAL.replace('host = "localhost"', 'url = "mqtts://broker.example.net"')
+    cfg = load_config(write(tmp_path, text))
+    assert (cfg.broker.host, cfg.broker.port, cfg.broker.tls) == ("broker.example.net", 8883, True)
+    text = MINIMAL.replace('host = "localhost"', 'url = "mqtt://10.0.0.5:1884"')
+    cfg = load_config(write(tmp_path, text))
+    assert (cfg.broker.host, cfg.broker.port, cfg.broker.tls) == ("10.0.0.5", 1884, False)
+    for bad in ("http://x", "mqtt://user:pw@x", "mqtt://x/path", "mqtt://x:99999"):
+        with pytest.raises(ConfigError, match="url"):
+            load_config(write(tmp_path, MINIMAL.replace('host = "localhost"', f'url = "{bad}"')))
+    with pytest.raises(ConfigError, match="not both"):
+        load_config(write(tmp_path, MINIMAL + 'url = "mqtt://x"\n'))
+
+
 def test_unreadable_or_invalid_files_are_config_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(tmp_path / "missing.toml")

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import ipaddress
 import random
+import ssl
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -18,6 +21,9 @@ from agent.mqtt import (
     NotConnectedError,
     PublishError,
     PublishResult,
+    TlsError,
+    TlsHandshakeError,
+    TlsOptions,
     Will,
     backoff_delay,
 )
@@ -218,3 +224,73 @@ def test_options_are_bounded() -> None:
     with pytest.raises(ValueError):
         MqttOptions(host="h", client_id="")
     assert "secret" not in repr(MqttOptions(host="h", client_id="c", password="secret"))
+
+
+def make_tls_files(directory: Path, name: str) -> tuple[Path, Path, Path]:
+    """A throwaway CA and a server certificate for 127.0.0.1 signed by it (PEM files)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{name} test CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = (directory / "ca.pem", directory / "server.pem", directory / "server.key")
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return paths
+
+
+def test_tls_connects_with_the_right_ca_only(mosquitto_factory, connect, tmp_path) -> None:
+    ca, cert, key = make_tls_files(tmp_path / "tls", "broker")
+    broker = mosquitto_factory(tls=(ca, cert, key))
+    good = connect(broker, "pi-1", tls=TlsOptions(ca_file=ca))
+    assert good.connected
+    other_ca, _, _ = make_tls_files(tmp_path / "other", "impostor")
+    bad = connect(broker, "pi-2", start=False, tls=TlsOptions(ca_file=other_ca))
+    bad.start()
+    assert wait_until(lambda: isinstance(bad.last_error, TlsHandshakeError))
+    assert isinstance(bad.last_error, BrokerUnavailableError)
+    assert isinstance(bad.last_error.__cause__, ssl.SSLError)
+    assert not bad.connected
+    with pytest.raises(TlsError):
+        MqttConnection(
+            MqttOptions(host="h", client_id="c", tls=TlsOptions(ca_file=tmp_path / "missing.pem"))
+        )
