@@ -90,6 +90,8 @@ class AgentCore(Protocol):
 
     def pin_trust_root(self, data: bytes) -> TrustRoot: ...
 
+    def has_trust_root(self) -> bool: ...
+
     @property
     def serving_manifest(self) -> Manifest | None: ...
 
@@ -215,7 +217,7 @@ class Daemon:
 
         Raises:
             ConfigError: the broker password file is unreadable or unsafe.
-            VerificationError: ``device.trust_root`` cannot be pinned.
+            VerificationError: ``device.trust_root`` cannot be pinned (first start).
             OSError: the daemon directory cannot be created.
         """
         self.config = config
@@ -226,7 +228,9 @@ class Daemon:
         self.device_id = config.device.id
         self.dir = config.daemon_dir
         self.dir.mkdir(parents=True, exist_ok=True)
-        if config.device.trust_root is not None:
+        if config.device.trust_root is not None and not core.has_trust_root():
+            # First start only: later roots arrive as successors (the pinned one may
+            # already be newer than the file the configuration names).
             core.pin_trust_root(config.device.trust_root.read_bytes())
         self.book = DesiredBook(self.dir / "desired.json")
         self._states: dict[str, DesiredState] = {}

@@ -16,6 +16,7 @@ from agent.core import Agent
 from agent.daemon import Daemon
 from agent.download import Downloader, NetworkFaults
 from agent.mqtt import MqttConnection, MqttOptions, PublishResult
+from agent.options import AgentOptions
 from edgefleet.build import BuildOptions, build_bundle
 from edgefleet.keys import SigningKey, generate, load_signing_key
 from edgefleet.keystore import KeyStore
@@ -150,7 +151,7 @@ class Device:
                 "class": "pi4",
                 "state_dir": str(state),
                 "groups": ["canary", "eu"],
-                "trust_root": str(server.keys.trust_root_path),
+                "trust_root": str(kw.get("trust_root", server.keys.trust_root_path)),
             },
             "broker": {
                 "host": broker.host,
@@ -322,3 +323,23 @@ def test_daemon_reports_a_bundle_that_fails_verification(server, device) -> None
     assert dev.serving() is None
     assert dev.daemon.book.applied[f"device:{DEVICE}"].outcome == "aborted"
     assert wait_until(lambda: "aborted" in [k for k, _ in server.events()], 10)
+
+
+def test_daemon_uses_the_rotated_root_and_refuses_a_revoked_director(
+    server, device, tmp_path
+) -> None:
+    v1 = tmp_path / "trust-root-v1.json"
+    v1.write_bytes(server.keys.trust_root_path.read_bytes())
+    device(trust_root=v1).stop()  # first start pins v1
+    server.keys.rotate(add={"director": 1}, remove=[server.director.keyid])
+    core = Agent(tmp_path / "state", AgentOptions(device_class="pi4"))
+    assert core.update_trust_root(server.keys.chain_since(1)).version == 2
+    core.close()
+    dev = device(trust_root=v1)  # the config still names v1: the pinned v2 stays
+    assert dev.agent.trust_root().version == 2
+    server.bundle(2)
+    server.publish(server.sign(server.desired(1, 2)))  # the revoked director key
+    assert wait_until(lambda: dev.daemon.counters["desired_rejected"] == 1, 10)
+    new_director = load_signing_key(server.keys.dir / "director-2.key")
+    server.publish(server.sign(server.desired(2, 2), [new_director]))
+    assert wait_until(lambda: dev.serving() == ("tiny", 2), 30)
