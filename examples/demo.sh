@@ -56,4 +56,17 @@ else
     echo "(rejected with exit code $?)"
 fi
 
+step "8. Train the fraud-detection example (synthetic transactions, a few seconds)"
+$PY examples/fraud/train.py --out "$D/fraud" | tee "$D/fraud-train.log"
+NAMES=$(tail -n 1 "$D/fraud-train.log" | $PY -c 'import json, sys; print(",".join(json.load(sys.stdin)["feature_names"]))')
+
+step "9. Compress it: prune + quantize candidates, the accuracy gate keeps the smallest that works"
+$EF compress "$D/fraud/model.pt2" --calib "$D/fraud/calib.npz" --eval "$D/fraud/eval.npz" \
+    --out "$D/fraud/compressed" --metric accuracy --max-drop 0.01 --prune 0.7 --quant auto --feature-names "$NAMES"
+
+step "10. Bundle the compressed model; health check and drift profile come along from the compressor"
+$EF bundle build "$D/fraud/compressed/model.onnx" --name fraud --version 1 \
+    --key "$D/keys/release-1.key" --device-class pi4 --out "$D/fraud-v1.bundle"
+$EF bundle verify "$D/fraud-v1.bundle" --trust-root "$D/keys/trust-root.json" --device-class pi4
+
 step "Done. Files are in $D/"
