@@ -37,7 +37,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -91,6 +91,7 @@ from agent.options import AgentOptions
 from agent.runtime import (
     AGENT_VERSION,
     LoadedModel,
+    Session,
     SessionFactory,
     device_facts,
     make_session,
@@ -116,11 +117,12 @@ from agent.state import (
     store_state,
     valid_update_id,
 )
-from edgefleet.bundle import verify_bundle
 from edgefleet.errors import EdgefleetError, VerificationError
 from edgefleet.manifest import DeviceFacts, Manifest
 from edgefleet.timeutil import format_utc, utcnow
-from edgefleet.trust import TrustRoot
+
+if TYPE_CHECKING:  # the verifier and cryptography load on the first update, not at start-up
+    from edgefleet.trust import TrustRoot
 
 __all__ = [
     "Agent",
@@ -235,13 +237,30 @@ def read_status(state_dir: Path, fs: FileSystem | None = None) -> dict[str, Any]
     fs = fs or OsFileSystem()
     layout = StateLayout(Path(state_dir))
     state = load_state(fs, layout.state_file)
-    try:
-        root_version: int | None = TrustRoot.from_bytes(
-            fs.read_bytes(layout.trust_root_file)
-        ).version
-    except FileNotFoundError:
-        root_version = None
+    root_version = _pinned_version(fs, layout)
     return status_dict(state, state_dir=layout.root, trust_root_version=root_version)
+
+
+def _pinned_version(fs: FileSystem, layout: StateLayout) -> int | None:
+    """The pinned trust root's version, for display (it was verified when pinned).
+
+    Raises:
+        MalformedTrustRootError: the file is not a trust-root document.
+    """
+    from edgefleet.canonical import CanonicalError, decode_strict
+    from edgefleet.trust import MalformedTrustRootError
+
+    try:
+        data = fs.read_bytes(layout.trust_root_file)
+    except FileNotFoundError:
+        return None
+    try:
+        version = decode_strict(data, require_canonical=False)["signed"]["version"]
+    except (CanonicalError, KeyError, TypeError) as exc:
+        raise MalformedTrustRootError(f"{layout.trust_root_file} is not a trust root") from exc
+    if not isinstance(version, int):
+        raise MalformedTrustRootError(f"{layout.trust_root_file} has no integer version")
+    return version
 
 
 def _storage(exc: OSError, what: str) -> StorageError:
@@ -367,6 +386,15 @@ class Agent:
         return None if model is None else model.ref
 
     @property
+    def serving_session(self) -> Session | None:
+        """The serving onnxruntime session (diagnostics, benchmarks).
+
+        Running it directly bypasses the observer and the shadow model.
+        """
+        model = self._serving
+        return None if model is None else model.session
+
+    @property
     def serving_manifest(self) -> Manifest | None:
         """The verified manifest of the serving model (inputs, outputs, drift reference)."""
         model = self._serving
@@ -385,6 +413,8 @@ class Agent:
             NoTrustRootError: none is pinned.
             MalformedTrustRootError: the pinned file is not valid.
         """
+        from edgefleet.trust import TrustRoot
+
         if self._trust is None:
             try:
                 data = self._fs.read_bytes(self.layout.trust_root_file)
@@ -401,10 +431,11 @@ class Agent:
 
     def status(self) -> dict[str, Any]:
         """JSON-ready status: persisted state plus what serves now and shadow stats."""
-        try:
-            root_version: int | None = self.trust_root().version
-        except NoTrustRootError:
-            root_version = None
+        root_version = (
+            self._trust.version
+            if self._trust is not None
+            else _pinned_version(self._fs, self.layout)
+        )
         out = status_dict(
             self._state,
             state_dir=self.layout.root,
@@ -433,6 +464,8 @@ class Agent:
                 of the pinned root (the precise subclass, with both versions named).
             StorageError: writing it failed.
         """
+        from edgefleet.trust import TrustRoot
+
         self._check_writable()
         with self._op_lock:
             candidate = TrustRoot.from_bytes(data)
@@ -679,6 +712,8 @@ class Agent:
         raise AssertionError(f"unknown action {action!r}")
 
     def _verify_into(self, slot: str) -> Event:
+        from edgefleet.bundle import signatures_bytes, verify_bundle
+
         source = self._bundle
         if source is None:
             return Failed(
@@ -708,7 +743,7 @@ class Agent:
                 sink=writer,
                 limits=self.options.verifier_limits,
             )
-            writer.write_metadata(verified.manifest_bytes, verified.signatures)
+            writer.write_metadata(verified.manifest_bytes, signatures_bytes(verified.signatures))
         except (EdgefleetError, OSError) as exc:
             writer.discard()
             if touched:
@@ -921,6 +956,8 @@ class Agent:
             return self._shadow.stats()
 
     def _stage_shadow(self, source: BundleSource) -> LoadedModel:
+        from edgefleet.bundle import signatures_bytes, verify_bundle
+
         slot_dir = self.layout.slot_dir(SHADOW_SLOT)
         writer = SlotWriter(self._fs, slot_dir)
         with contextlib.ExitStack() as stack:
@@ -940,7 +977,9 @@ class Agent:
                     sink=writer,
                     limits=self.options.verifier_limits,
                 )
-                writer.write_metadata(verified.manifest_bytes, verified.signatures)
+                writer.write_metadata(
+                    verified.manifest_bytes, signatures_bytes(verified.signatures)
+                )
                 stage_slot(self._fs, slot_dir)
             except OSError as exc:
                 writer.discard()

@@ -9,9 +9,11 @@ value fails at start-up and never halfway through an update.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from edgefleet.bundle import VerifierLimits
+if TYPE_CHECKING:  # the verifier (and cryptography) load only when an update runs
+    from edgefleet.bundle import VerifierLimits
 
 __all__ = ["AgentOptions"]
 
@@ -30,7 +32,7 @@ class AgentOptions:
     latency_budget_factor: float = 1.0  # scales the manifest's latency budget; 0.1..100
     shadow_queue: int = 256  # pending shadow comparisons before dropping; 1..65536
     feedback_memory: int = 4096  # predictions remembered for shadow accuracy; 0..1_000_000
-    verifier_limits: VerifierLimits = field(default_factory=VerifierLimits)
+    verifier_limits: VerifierLimits | None = None  # None: edgefleet.bundle's defaults
 
     def __post_init__(self) -> None:
         if not _CLASS_RE.match(self.device_class):

@@ -32,14 +32,16 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from agent.errors import SlotIntegrityError
 from agent.fs import FileSystem, WriteHandle, ensure_dir, remove_tree
 from agent.state import SlotRef
-from edgefleet.bundle import signatures_bytes
 from edgefleet.errors import MalformedBundleError, VerificationError
 from edgefleet.manifest import Manifest, PayloadEntry
-from edgefleet.trust import Signature, TrustRoot, parse_signatures
+
+if TYPE_CHECKING:  # cryptography loads only when signatures are checked
+    from edgefleet.trust import Signature, TrustRoot
 
 __all__ = [
     "MANIFEST_FILE",
@@ -146,16 +148,13 @@ class SlotWriter:
             finally:
                 handle.close()
 
-    def write_metadata(self, manifest_bytes: bytes, signatures: tuple[Signature, ...]) -> None:
-        """Write the manifest and signature parts (fsynced).
+    def write_metadata(self, manifest_bytes: bytes, signatures_doc: bytes) -> None:
+        """Write the manifest and signatures.json parts (fsynced).
 
         Raises:
             OSError: writing failed.
         """
-        for name, data in (
-            (MANIFEST_FILE, manifest_bytes),
-            (SIGNATURES_FILE, signatures_bytes(signatures)),
-        ):
+        for name, data in ((MANIFEST_FILE, manifest_bytes), (SIGNATURES_FILE, signatures_doc)):
             handle = self._fs.create(self._dir / _part(name))
             try:
                 handle.write(data)
@@ -204,7 +203,7 @@ class SlotContents:
     ref: SlotRef
     manifest: Manifest
     manifest_bytes: bytes
-    signatures: tuple[Signature, ...]
+    signatures_doc: bytes  # signatures.json, parsed only when verified
     model_bytes: bytes
 
 
@@ -236,7 +235,6 @@ def check_slot(fs: FileSystem, layout: StateLayout, ref: SlotRef) -> SlotContent
         sig_doc = fs.read_bytes(slot_dir / SIGNATURES_FILE)
     except FileNotFoundError:
         raise _integrity(ref, "signatures.json is missing") from None
-    signatures = _parse_signature_file(ref, sig_doc)
     model_bytes = b""
     for index, entry in enumerate(manifest.payload):
         name = payload_file_name(index, entry)
@@ -252,10 +250,12 @@ def check_slot(fs: FileSystem, layout: StateLayout, ref: SlotRef) -> SlotContent
             raise _integrity(ref, f"{name} sha256 differs from the manifest")
         if index == 0:
             model_bytes = data
-    return SlotContents(ref, manifest, manifest_bytes, signatures, model_bytes)
+    return SlotContents(ref, manifest, manifest_bytes, sig_doc, model_bytes)
 
 
 def _parse_signature_file(ref: SlotRef, data: bytes) -> tuple[Signature, ...]:
+    from edgefleet.trust import parse_signatures
+
     try:
         doc = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
@@ -275,10 +275,12 @@ def verify_slot_signatures(contents: SlotContents, trust_root: TrustRoot) -> Non
     become active again through a rollback.
 
     Raises:
+        SlotIntegrityError: signatures.json is not a signature list.
         VerificationError: the threshold of release signatures is not met.
     """
+    signatures = _parse_signature_file(contents.ref, contents.signatures_doc)
     try:
-        trust_root.verify_role_signatures("release", contents.manifest_bytes, contents.signatures)
+        trust_root.verify_role_signatures("release", contents.manifest_bytes, signatures)
     except VerificationError as exc:
         raise type(exc)(
             f"slot {contents.ref.slot} ({contents.ref.model} v{contents.ref.version}) is no "
