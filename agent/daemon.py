@@ -279,7 +279,7 @@ class Daemon:
         """Attach to the core, start telemetry, connect, and start the worker threads."""
         self.core.set_observer(self.recorder.observe)
         self.core.set_feedback_sink(self.recorder.feedback)
-        self.core.set_event_sink(self._on_core_event)
+        self.core.set_event_sink(self.core_event)
         self._refresh_model()
         self.recorder.start()
         for name, target in (("control", self._control_loop), ("worker", self._worker_loop)):
@@ -606,8 +606,13 @@ class Daemon:
 
     # ------------------------------------------------------- status and events
 
-    def _on_core_event(self, ev: Any) -> None:
-        """The core's update outcomes (installs, rollbacks, recovery at start-up)."""
+    def core_event(self, ev: Any) -> None:
+        """Report one of the core's update outcomes (installs, rollbacks, recovery).
+
+        The daemon is the core's event sink once started; outcomes the core
+        produced earlier (its recovery when it was opened) are handed over
+        with this method by whoever opened it (``agent run`` does).
+        """
         reason = None
         if getattr(ev, "error", None) is not None:
             reason = f"{ev.error.error}: {ev.error.message}"

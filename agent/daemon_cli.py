@@ -102,8 +102,12 @@ def _run(args: argparse.Namespace) -> int:
         reason = f": {ev.reason}" if ev.reason else ""
         _line(as_json, {"event": "update", "update": ev.to_dict()}, f"{ev.kind}{model}{reason}")
 
+    # Opening the core runs its recovery; keep those outcomes for the daemon.
+    boot_events: list[Any] = []
     try:
-        agent = Agent(config.device.state_dir, config.agent_options())
+        agent = Agent(
+            config.device.state_dir, config.agent_options(), event_sink=boot_events.append
+        )
     except EdgefleetError as exc:
         return emit_error(type(exc).__name__, exc.code, str(exc), as_json)
     http = None
@@ -126,6 +130,8 @@ def _run(args: argparse.Namespace) -> int:
             timer.daemon = True
             timer.start()
         daemon.start()
+        for event in boot_events:
+            daemon.core_event(event)
         if config.http.enabled:
             http = HttpEndpoint(agent, port=config.http.port, host=config.http.bind).start()
         broker = f"{config.broker.host}:{config.broker.port}"

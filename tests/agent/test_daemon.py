@@ -343,3 +343,19 @@ def test_daemon_uses_the_rotated_root_and_refuses_a_revoked_director(
     new_director = load_signing_key(server.keys.dir / "director-2.key")
     server.publish(server.sign(server.desired(2, 2), [new_director]))
     assert wait_until(lambda: dev.serving() == ("tiny", 2), 30)
+
+
+def test_core_outcomes_reach_status_and_telemetry(server, device) -> None:
+    from agent.state import ErrorInfo
+    from agent.state import UpdateEvent as CoreEvent
+
+    dev = device()
+    # What the core reports when it recovers from a crash during a trial at start-up.
+    dev.daemon.core_event(
+        CoreEvent("recover-3", "recover", "rolled-back", "tiny", 3, None,
+                  ErrorInfo("TrialExhaustedError", 47, "3 starts on trial"), "2026-06-01T12:00:00Z")
+    )  # fmt: skip
+    assert wait_until(lambda: ("rolled-back", "TrialExhaustedError: 3 starts on trial")
+                      in server.events(), 10)  # fmt: skip
+    status = StatusMessage.from_bytes(server.messages(DeviceChannel.STATUS)[-1])
+    assert status.update is not None and status.update.kind == "rolled-back"
