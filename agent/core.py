@@ -108,6 +108,7 @@ from agent.slots import (
     verify_slot_signatures,
 )
 from agent.state import (
+    HISTORY_LIMIT,
     AgentState,
     ErrorInfo,
     SlotRef,
@@ -324,6 +325,7 @@ class Agent:
         self._serving: LoadedModel | None = None
         self._shadow: ShadowRunner | None = None
         self._hooked = False
+        self._undelivered: list[UpdateEvent] = []
         self.observer_errors = 0
         self.feedback_count = 0
         self._trust: TrustRoot | None = None
@@ -366,8 +368,16 @@ class Agent:
         self._feedback_sink = feedback
 
     def set_event_sink(self, sink: EventSink | None) -> None:
-        """Attach (or detach) the receiver of update outcomes."""
+        """Attach (or detach) the receiver of update outcomes.
+
+        Outcomes reported while no sink was attached (typically re-reports made
+        by the recovery in the constructor) are delivered to it first.
+        """
         self._event_sink = sink
+        if sink is not None:
+            pending, self._undelivered = self._undelivered, []
+            for event in pending:
+                self._deliver(sink, event)
 
     def _refresh_hook(self) -> None:
         self._hooked = self._observer is not None or self._shadow is not None
@@ -816,7 +826,12 @@ class Agent:
         )
         sink = self._event_sink
         if sink is None:
+            self._undelivered = [*self._undelivered, event][-HISTORY_LIMIT:]
             return
+        self._deliver(sink, event)
+
+    @staticmethod
+    def _deliver(sink: EventSink, event: UpdateEvent) -> None:
         try:
             sink(event)
         except Exception:  # the sink is local (telemetry spool); never wedge the machine

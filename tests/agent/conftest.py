@@ -28,14 +28,13 @@ def events() -> list[UpdateEvent]:
 def make_agent(
     tmp_path: Path, bundles: BundleSet, events: list[UpdateEvent]
 ) -> Iterator[Callable[..., Agent]]:
-    """``make_agent(pin=True, **options)``: an agent on ``tmp_path/state``, trust root pinned."""
+    """``make_agent(pin=True, options={...}, **agent_kw)``: an agent on ``tmp_path/state``."""
     made: list[Agent] = []
 
     def make(*, pin: bool = True, state_dir: Path | None = None, **kw: Any) -> Agent:
         opts = {"health_runs": 2, **kw.pop("options", {})}
-        agent = Agent(
-            state_dir or tmp_path / "state", AgentOptions(**opts), event_sink=events.append, **kw
-        )
+        kw.setdefault("event_sink", events.append)
+        agent = Agent(state_dir or tmp_path / "state", AgentOptions(**opts), **kw)
         made.append(agent)
         if pin:
             agent.pin_trust_root(bundles.release.trust_root_bytes)

@@ -16,6 +16,7 @@ from edgefleet.bundle import read_header
 from edgefleet.errors import RollbackError, ThresholdNotMetError, VerificationError
 from edgefleet.keystore import KeyStore
 from edgefleet.timeutil import utcnow
+from firmware_sim.disk import ProcessKilled
 from firmware_sim.models import GOLDEN_X, BundleSet, linear_model
 
 
@@ -205,3 +206,24 @@ def test_trust_root_successor_accepted_and_chain(make_agent, tmp_path: Path):
     assert agent.trust_root().version == 3
     with pytest.raises(RollbackError, match="not newer than the trusted v3"):
         agent.pin_trust_root((tmp_path / "keys" / "trust-root.2.json").read_bytes())
+
+
+def test_outcome_reported_again_after_crash_before_report(make_agent, bundles, tmp_path):
+    """A crash between the commit store and the report: the restart reports it (at least once)."""
+
+    def dying_sink(event):
+        raise ProcessKilled("the process died while reporting")
+
+    first = make_agent(event_sink=dying_sink)
+    with pytest.raises(ProcessKilled):
+        first.install(bundles.v1)
+    first.abandon()
+    assert read_status(tmp_path / "state")["state"] == "committed"
+    second = Agent(tmp_path / "state")  # no sink yet, as when the daemon wires it later
+    try:
+        assert second.status()["state"] == "idle"
+        got = []
+        second.set_event_sink(got.append)
+        assert [(e.outcome, e.version) for e in got] == [("committed", 1)]
+    finally:
+        second.close()
