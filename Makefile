@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed-all
 TOOLS  := mosquitto openssl zstd tar sha256sum base64
 DEBPKG := mosquitto openssl zstd tar coreutils
 
-.PHONY: help setup tools test demo lint format bench reliability clean
+.PHONY: help setup tools services test demo lint format bench reliability clean
 
 help:
 	@echo "make demo         set up and run the end-to-end demo"
@@ -40,7 +40,17 @@ tools:
 	  fi; \
 	fi
 
-test: setup tools
+# PostgreSQL at 127.0.0.1:5432 (database `test`, user postgres, trust auth) for the
+# server tests; override with EDGEFLEET_TEST_PG_URL. Started here if it is installed
+# but down (this project's CI machines start it before the run).
+services:
+	@if command -v pg_isready >/dev/null 2>&1 && ! pg_isready -q -h 127.0.0.1 -p 5432; then \
+	  if command -v pg_ctlcluster >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	    pg_ctlcluster --skip-systemctl-redirect $$(ls /etc/postgresql | head -n1) main start || true; \
+	  fi; \
+	fi
+
+test: setup tools services
 	$(BIN)/python -m pytest
 
 demo: setup tools

@@ -73,6 +73,7 @@ __all__ = [
     "VerifiedBundle",
     "VerifierLimits",
     "add_signatures",
+    "attach_signatures",
     "read_header",
     "sign_manifest",
     "signatures_bytes",
@@ -630,34 +631,67 @@ def sign_manifest(manifest_bytes: bytes, keys: Iterable[SigningKey]) -> list[Sig
 
 
 def add_signatures(bundle_path: Path, keys: Sequence[SigningKey], out_path: Path) -> BundleHeader:
-    """Add signatures by ``keys`` to a bundle and write the result atomically.
+    """Sign a bundle's manifest with ``keys`` and write the result atomically.
 
-    The manifest and payload are copied unchanged; existing signatures are
-    kept (a key that already signed is replaced by its fresh signature).
+    See ``attach_signatures``; a key that already signed is replaced by its
+    fresh signature.
 
     Raises:
         MalformedBundleError: the input is not a bundle.
         OSError: reading or writing failed (``out_path`` is then untouched).
     """
-    with contextlib.ExitStack() as stack:
-        fh = stack.enter_context(open(bundle_path, "rb"))
+    with open(bundle_path, "rb") as fh:
+        header = read_header(fh)
+    return attach_signatures(bundle_path, sign_manifest(header.manifest_bytes, keys), out_path)
+
+
+class _FileSlice:
+    """Reads exactly ``size`` bytes of ``fh`` starting at ``offset`` (seeks per read)."""
+
+    def __init__(self, fh: IO[bytes], offset: int, size: int) -> None:
+        self._fh, self._pos, self._left = fh, offset, size
+
+    def read(self, n: int = -1) -> bytes:
+        if n < 0 or n > self._left:
+            n = self._left
+        self._fh.seek(self._pos)
+        data = self._fh.read(n)
+        self._pos += len(data)
+        self._left -= len(data)
+        return data
+
+
+def attach_signatures(
+    bundle_path: Path, signatures: Sequence[Signature], out_path: Path
+) -> BundleHeader:
+    """Rewrite a bundle with extra detached signatures over its manifest.
+
+    The manifest and payload bytes are copied unchanged (streamed, never held
+    in memory whole); existing signatures are kept, and one by the same key id
+    is replaced. Signatures are not verified here: the verifier judges them.
+    ``out_path`` may equal ``bundle_path``.
+
+    Raises:
+        MalformedBundleError: the input is not a bundle (or a payload member
+            does not have its declared size).
+        OSError: reading or writing failed (``out_path`` is then untouched).
+    """
+    with open(bundle_path, "rb") as fh:
         header = read_header(fh)
         manifest = header.manifest()
-        sigs = list(header.signatures) + sign_manifest(header.manifest_bytes, keys)
-        fh.seek(header.header_bytes)
+        merged = {s.keyid: s for s in header.signatures}
+        merged.update({s.keyid: s for s in signatures})
         reader = _Reader(fh)
+        reader.offset = header.header_bytes
         sources: list[tuple[PayloadEntry, PayloadSource]] = []
         for entry in manifest.payload:
             _, _, stored = _read_member(reader, entry.member_name, 0, set())
             if stored != entry.size:
                 raise LengthMismatchError(f"bundle: payload {entry.path} size differs")
-            spool = stack.enter_context(tempfile.SpooledTemporaryFile(max_size=64 << 20))
-            stream = _MemberStream(reader, entry.size, hashlib.sha256())
-            while stream.remaining:
-                spool.write(stream.read(min(1 << 20, stream.remaining)))
-            _skip_padding(reader, entry.size, entry.member_name)
-            spool.seek(0)
-            sources.append((entry, spool))
+            sources.append((entry, _FileSlice(fh, reader.offset, entry.size)))
+            fh.seek(reader.offset + entry.size + _padding(entry.size))
+            reader.offset += entry.size + _padding(entry.size)
+        sigs = list(merged.values())
         write_bundle_file(out_path, header.manifest_bytes, sigs, sources)
     return BundleHeader(header.manifest_bytes, tuple(sigs), header.header_bytes)
 

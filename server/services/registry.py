@@ -40,7 +40,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
-from edgefleet.bundle import BLOCK, read_header, write_bundle_file
+from edgefleet.bundle import attach_signatures, read_header
 from edgefleet.errors import EdgefleetError, MalformedBundleError, VerificationError
 from edgefleet.keys import KeyFileError, SigningKey, load_signing_key
 from edgefleet.manifest import Manifest, Targets, validate_model_name
@@ -766,21 +766,6 @@ def add_signature(
     return row
 
 
-class _Slice:
-    """Reads exactly ``size`` bytes of a file from ``offset``."""
-
-    def __init__(self, fh: IO[bytes], offset: int, size: int) -> None:
-        fh.seek(offset)
-        self._fh, self._left = fh, size
-
-    def read(self, n: int = -1) -> bytes:
-        if n < 0 or n > self._left:
-            n = self._left
-        data = self._fh.read(n)
-        self._left -= len(data)
-        return data
-
-
 def _publish_locked(
     session: Session, settings: Settings, row: ModelVersion, root: TrustRoot, actor: str
 ) -> None:
@@ -793,32 +778,31 @@ def _publish_locked(
     if claimed.rowcount != 1:  # type: ignore[attr-defined]
         raise ConflictError(f"{name} version {version} is already published or not ready")
     assert row.manifest is not None
-    manifest = Manifest.from_bytes(bytes(row.manifest))
+    Manifest.from_bytes(bytes(row.manifest))  # refuse a corrupt stored manifest early
     signatures = _signatures(row)
     signed_by = root.verify_role_signatures("release", bytes(row.manifest), signatures)
     staged = bundle_path(settings, name, version, signed=False)
     final = bundle_path(settings, name, version)
     try:
         with open(staged, "rb") as fh:
-            header = read_header(fh)
-            if header.manifest_bytes != bytes(row.manifest):
+            if read_header(fh).manifest_bytes != bytes(row.manifest):
                 raise BuildError("the staged bundle does not carry the recorded manifest")
-            offset = header.header_bytes
-            sources = []
-            for entry in manifest.payload:
-                sources.append((entry, _Slice(fh, offset + BLOCK, entry.size)))
-                offset += BLOCK + entry.size + (-entry.size % BLOCK)
-            size = write_bundle_file(final, bytes(row.manifest), signatures, sources)
+        attach_signatures(staged, signatures, final)
     except (OSError, EdgefleetError, BuildError) as exc:
         raise UnavailableError(
             f"cannot write the bundle of {name} version {version}: {exc}"
         ) from exc
-    data = final.read_bytes()
-    check = read_header(data)
+    digest = hashlib.sha256()
+    with open(final, "rb") as fh:
+        check = read_header(fh)
+        fh.seek(0)
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    size = final.stat().st_size
     root.verify_role_signatures("release", check.manifest_bytes, check.signatures)
     session.refresh(row)
     row.bundle_file = str(final.relative_to(settings.bundles_dir))
-    row.bundle_sha256 = hashlib.sha256(data).hexdigest()
+    row.bundle_sha256 = digest.hexdigest()
     row.bundle_size = size
     audit.record(
         session,
