@@ -45,8 +45,9 @@ the loop breaker; the rollback floor moves only in ``trial -> committed``;
 signature, expiry, target and rollback checks and before the first byte of the
 inactive slot changes: a bundle rejected on its metadata keeps the rollback
 target, and a slot that was touched is never a rollback target again. Each store made for
-one update increments ``update.stores``; past ``max_stores`` the machine gives
-up on the update and returns to idle (Mender's loop breaker).
+one update increments ``update.stores`` (every start-up during an update
+stores once); past ``max_stores`` the machine gives up on the update and
+returns to idle (Mender's loop breaker).
 """
 
 from __future__ import annotations
@@ -605,7 +606,8 @@ def advance(
 
     Returns:
         The next state (the same object when nothing changes, so the caller
-        stores only real changes) and the action to perform.
+        stores only real changes; a ``Boot`` during an update always counts as
+        a change) and the action to perform.
 
     Raises:
         InvalidTransitionError: ``event`` does not fit ``state`` (for example a
@@ -619,8 +621,10 @@ def advance(
         raise InvalidTransitionError(
             f"cannot handle {type(event).__name__} while {state.state.value}{what}"
         )
-    if tr.state is state:
+    if tr.state is state and not (isinstance(event, Boot) and state.update is not None):
         return tr
+    # A start-up in the middle of an update always stores once: that is what
+    # the store counter counts, so a crash loop in any state ends.
     new = replace(tr.state, seq=state.seq + 1)
     upd = new.update
     if upd is not None:
