@@ -7,15 +7,18 @@ memory, in a sibling process started the same way):
 
 * ``added_us``: median time ``Agent.predict`` adds over a bare
   ``InferenceSession.run`` of the same session and input (target <= 3 us), on
-  the fraud-sized model. Until the fraud example's compressed ONNX is at hand
-  (``--model`` takes it), an MLP of the same size is built in code:
-  32 features -> 256 -> 128 -> 2, Gemm/Relu/Softmax, batch 1.
+  the fraud example model, batch 1: trained with ``examples/fraud/train.py``
+  and compressed with ``edgefleet compress`` (as the demo does, ~15 s) when
+  torch is installed; ``--model FILE.onnx`` takes an existing one (its
+  ``health_check.json``/``drift_reference.json`` beside it are used); without
+  torch, or with ``--mlp``, an MLP of the fraud model's size built in code
+  (32 features -> 256 -> 128 -> 2, Gemm/Relu/Softmax). The output names it.
 * ``predict_ratio``: median per-call time of ``Agent.predict`` / bare ``run``
   on a digits-sized CNN (1x8x8 input, Conv/Relu/MaxPool/Gemm; target <= 1.05).
 * ``telemetry_us``: amortized telemetry cost per prediction (target <= 2 us):
   predictions with the observer attached, plus the off-hot-path aggregation
-  (histograms over the manifest's 32 drift-reference features) every
-  ``--batch`` predictions, minus the same predictions without an observer.
+  (histograms over the manifest's drift-reference features) every
+  ``--calls`` predictions, minus the same predictions without an observer.
   Uses ``agent.telemetry.TelemetryRecorder`` when importable, else a minimal
   observer (deque append + batched numpy binning); the output says which.
 * ``rss_ratio``: resident memory of an idle agent process with the model
@@ -51,7 +54,6 @@ from agent.options import AgentOptions
 from firmware_sim.models import Release, cnn_model, golden_health_check, mlp_model
 
 TARGETS = {"added_us": 3.0, "predict_ratio": 1.05, "telemetry_us": 2.0, "rss_ratio": 1.25}
-FEATURES = 32
 BINS = 10
 
 
@@ -73,9 +75,8 @@ def drift_reference(features: int) -> dict[str, Any]:
 
 def install(work: Path, rel: Release, name: str, model: bytes, x: np.ndarray, **kw: Any) -> Path:
     state = work / f"state-{name}"
-    bundle = rel.build(
-        model, name=name, version=1, health_check=golden_health_check(model, {"x": x}), **kw
-    )
+    kw.setdefault("health_check", golden_health_check(model, {"x": x}))
+    bundle = rel.build(model, name=name, version=1, **kw)
     with Agent(state, AgentOptions()) as agent:
         agent.pin_trust_root(rel.trust_root_bytes)
         result = agent.install(bundle)
@@ -151,7 +152,9 @@ class MinimalRecorder:
 
     def __init__(self, reference: dict[str, Any]) -> None:
         self.buf: collections.deque[tuple[Any, Any, float, int]] = collections.deque(maxlen=100_000)
-        edges = np.asarray([f["edges"] for f in reference["features"]], np.float32)
+        features = sorted(reference["features"], key=lambda f: int(f["index"]))
+        self.columns = np.asarray([int(f["index"]) for f in features])
+        edges = np.asarray([f["edges"] for f in features], np.float32)
         self.edges_by_cut = np.ascontiguousarray(edges.T)  # (bins - 1, F)
         self.offsets = np.arange(edges.shape[0]) * BINS
         self.counts = np.zeros(edges.shape[0] * BINS, np.int64)
@@ -165,7 +168,7 @@ class MinimalRecorder:
         batch = [pop() for _ in range(len(self.buf))]
         if not batch:
             return 0
-        values = np.concatenate([b[0]["x"] for b in batch])  # (N, F)
+        values = np.concatenate([b[0]["x"] for b in batch])[:, self.columns]  # (N, F)
         # bin = number of edges <= v (== searchsorted(edges, v, side="right")), every
         # feature at once: one comparison of the whole batch per cut point.
         idx = (values >= self.edges_by_cut[0]).astype(np.intp)
@@ -184,7 +187,7 @@ def make_recorder(work: Path, reference: dict[str, Any]) -> tuple[Any, str]:
         return MinimalRecorder(reference), "benchmarks.agent.MinimalRecorder (fallback)"
     recorder = TelemetryRecorder(
         "bench-device",
-        Spool(work / "spool"),
+        Spool(work / f"spool-{time.monotonic_ns()}"),
         model=ModelRef("fraud", 1),
         drift_reference=reference,
     )
@@ -209,7 +212,10 @@ def measure_telemetry(
         recorder, which = make_recorder(work, reference)
     rng = np.random.default_rng(1)
     # Distinct inputs per call, as in production (the observer keeps references).
-    inputs = [{"x": rng.normal(size=x.shape).astype(np.float32)} for _ in range(calls)]
+    scale = np.abs(x) * 0.1 + 0.1
+    inputs = [
+        {"x": (x + rng.normal(size=x.shape) * scale).astype(np.float32)} for _ in range(calls)
+    ]
     aggregate_s: list[float] = []
     with Agent(state, readonly=True) as agent:
         predict = agent.predict
@@ -306,6 +312,62 @@ def measure_rss(state: Path, shape: tuple[int, ...], repeats: int = 3) -> dict[s
     return {"rss_ratio": round(a / b, 4), "agent_rss_kb": a, "bare_rss_kb": b}
 
 
+def fraud_example(args: argparse.Namespace, work: Path) -> tuple[bytes, str, dict[str, Any]]:
+    """(model bytes, description, compressor outputs) of the fraud model to measure."""
+    from edgefleet.build import load_compression_outputs
+
+    if args.model is not None:
+        return args.model.read_bytes(), str(args.model), load_compression_outputs(args.model.parent)
+    if not args.mlp:
+        try:
+            import torch  # noqa: F401 - only to know whether the example can be trained
+        except ImportError:
+            pass
+        else:
+            out = build_fraud_example(work / "fraud-example")
+            desc = "examples/fraud (train.py + edgefleet compress, as in the demo)"
+            return out.read_bytes(), desc, load_compression_outputs(out.parent)
+    model = mlp_model((32, 256, 128, 2))
+    return model, "MLP 32->256->128->2 (Gemm/Relu/Softmax) built in code, fraud-sized", {}
+
+
+def build_fraud_example(work: Path) -> Path:
+    """Train and compress the fraud example exactly as examples/demo.sh does."""
+    root = Path(__file__).resolve().parents[1]
+    train = subprocess.run(
+        [sys.executable, str(root / "examples/fraud/train.py"), "--out", str(work / "model")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    names = json.loads(train.stdout.strip().splitlines()[-1])["feature_names"]
+    subprocess.run(
+        [sys.executable, "-m", "edgefleet.cli", "compress", str(work / "model/model.pt2"),
+         "--calib", str(work / "model/calib.npz"), "--eval", str(work / "model/eval.npz"),
+         "--out", str(work / "compressed"), "--metric", "accuracy", "--max-drop", "0.01",
+         "--prune", "0.7", "--quant", "auto", "--feature-names", ",".join(names), "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )  # fmt: skip
+    return work / "compressed" / "model.onnx"
+
+
+def first_row(model: bytes, extra: dict[str, Any]) -> np.ndarray:
+    """One input row (batch 1): from the golden inputs when there are some."""
+    import onnxruntime as ort
+
+    from agent.health import decode_array
+
+    hc = extra.get("health_check")
+    if hc:
+        golden = decode_array(next(iter(hc["inputs"].values())))
+        return np.ascontiguousarray(golden[:1]).astype(np.float32)
+    session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    (inp,) = session.get_inputs()
+    return np.random.default_rng(0).normal(size=(1, int(inp.shape[1]))).astype(np.float32)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print one JSON object")
@@ -315,8 +377,9 @@ def main() -> int:
         "--model",
         type=Path,
         default=None,
-        help="fraud ONNX model (input x: [batch, 32]) instead of the MLP",
+        help="the fraud example's compressed ONNX (single input [batch, F]) to use",
     )
+    parser.add_argument("--mlp", action="store_true", help="use the fraud-sized MLP built in code")
     parser.add_argument(
         "--recorder",
         choices=("auto", "minimal"),
@@ -327,14 +390,18 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="edgefleet-bench-agent-") as tmp:
         work = Path(tmp)
         rel = Release(work / "release")
-        x = np.random.default_rng(0).normal(size=(1, FEATURES)).astype(np.float32)
-        if args.model is not None:
-            fraud_model, fraud_desc = args.model.read_bytes(), str(args.model)
-        else:
-            fraud_model = mlp_model((FEATURES, 256, 128, 2))
-            fraud_desc = "MLP 32->256->128->2 (Gemm/Relu/Softmax) built in code, fraud-sized"
-        reference = drift_reference(FEATURES)
-        fraud = install(work, rel, "fraud", fraud_model, x, drift_reference=reference)
+        fraud_model, fraud_desc, extra = fraud_example(args, work)
+        x = first_row(fraud_model, extra)
+        reference = extra.get("drift_reference") or drift_reference(x.shape[1])
+        fraud = install(
+            work,
+            rel,
+            "fraud",
+            fraud_model,
+            x,
+            drift_reference=reference,
+            **({"health_check": extra["health_check"]} if "health_check" in extra else {}),
+        )
         digits_x = np.random.default_rng(1).normal(size=(1, 1, 8, 8)).astype(np.float32)
         digits = install(work, rel, "digits", cnn_model(), digits_x)
 
@@ -382,7 +449,7 @@ def main() -> int:
         print(json.dumps(result))
     else:
         d = result["details"]
-        print(f"fraud-sized model: {d['fraud_model']}")
+        print(f"fraud model: {d['fraud_model']}")
         print(f"  bare run {added['bare_us']} us, Agent.predict {added['agent_us']} us")
         print(f"  added_us      {added['added_us']:8.3f}   (target <= {TARGETS['added_us']})")
         print(f"digits CNN: bare {ratio['bare_us']} us, agent {ratio['agent_us']} us")
