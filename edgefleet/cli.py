@@ -8,8 +8,9 @@ FastAPI only when run, so ``edgefleet --help`` stays fast and the agent's
 install never needs server packages.
 
 Exit status: 0 success; 1 a usable-input problem (missing file, bad key file,
-bad option value); 2 command-line usage; 10-25 a verification error (the
-error's ``code``, see docs/cli.md); 30 a transport error.
+bad option value); 2 command-line usage; 10-26 a verification error (the
+error's ``code``, see docs/cli.md); 40-48 a model refused by the device's
+health check; 30 a transport error, 31 a storage error; 50-59 agent errors.
 """
 
 from __future__ import annotations
