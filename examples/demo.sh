@@ -69,4 +69,44 @@ $EF bundle build "$D/fraud/compressed/model.onnx" --name fraud --version 1 \
     --key "$D/keys/release-1.key" --device-class pi4 --out "$D/fraud-v1.bundle"
 $EF bundle verify "$D/fraud-v1.bundle" --trust-root "$D/keys/trust-root.json" --device-class pi4
 
+step "11. Sideload it on a simulated Raspberry Pi (state dir $D/device): verify, stage, health-check, switch"
+$EF agent install "$D/fraud-v1.bundle" --state-dir "$D/device" --trust-root "$D/keys/trust-root.json" \
+    --device-class pi4
+$EF agent status --state-dir "$D/device" --json
+
+step "12. Run the active model on three held-out transactions"
+$PY -c 'import numpy as np, sys; np.save(sys.argv[1], np.load(sys.argv[2])["x"][:3])' \
+    "$D/three.npy" "$D/fraud/eval.npz"
+$EF agent predict --state-dir "$D/device" --input "$D/three.npy" --json
+
+step "13. A v2 whose golden outputs do not match: staged, trialled, rolled back automatically"
+cp -r "$D/fraud/compressed" "$D/fraud-bad"
+$PY - "$D/fraud-bad/health_check.json" <<'PYEOF'
+import base64, json, sys
+import numpy as np
+path = sys.argv[1]
+spec = json.load(open(path))
+for out in spec["expected_outputs"].values():
+    arr = np.frombuffer(base64.b64decode(out["data_b64"]), dtype=out["dtype"]) + 5.0
+    out["data_b64"] = base64.b64encode(arr.astype(out["dtype"]).tobytes()).decode()
+json.dump(spec, open(path, "w"))
+PYEOF
+$EF bundle build "$D/fraud-bad/model.onnx" --name fraud --version 2 \
+    --key "$D/keys/release-1.key" --device-class pi4 --out "$D/fraud-v2-bad.bundle" --json >/dev/null
+if $EF agent install "$D/fraud-v2-bad.bundle" --state-dir "$D/device" --device-class pi4; then
+    echo "demo: a model failing its health check was committed; this is a bug" >&2
+    exit 1
+else
+    echo "(refused with exit code $?; v1 keeps serving)"
+fi
+$EF agent status --state-dir "$D/device" --json
+
+step "14. Replaying the old v1 bundle is refused too (anti-rollback floor)"
+if $EF agent install "$D/fraud-v1.bundle" --state-dir "$D/device" --device-class pi4 --json; then
+    echo "demo: a replayed bundle was installed; this is a bug" >&2
+    exit 1
+else
+    echo "(refused with exit code $?)"
+fi
+
 step "Done. Files are in $D/"
