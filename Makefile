@@ -8,6 +8,7 @@ STAMP  := $(VENV)/.installed-all
 # Command-line tools the test suite drives for real (broker, bundle verification by hand).
 TOOLS  := mosquitto openssl zstd tar sha256sum base64
 DEBPKG := mosquitto openssl zstd tar coreutils
+PYDIRS := edgefleet agent server compression firmware_sim tests benchmarks examples
 
 .PHONY: help setup tools services test demo lint format bench reliability clean
 
@@ -57,13 +58,13 @@ demo: setup tools
 	bash examples/demo.sh
 
 lint: setup
-	$(BIN)/ruff check .
-	$(BIN)/ruff format --check .
+	$(BIN)/ruff check $(PYDIRS)
+	$(BIN)/ruff format $(PYDIRS)-check $(PYDIRS)
 	$(BIN)/mypy edgefleet agent server compression firmware_sim
 
 format: setup
-	$(BIN)/ruff check --fix .
-	$(BIN)/ruff format .
+	$(BIN)/ruff check $(PYDIRS)-fix $(PYDIRS)
+	$(BIN)/ruff format $(PYDIRS)
 
 bench: setup tools
 	@for b in benchmarks/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
