@@ -59,11 +59,11 @@ demo: setup tools
 
 lint: setup
 	$(BIN)/ruff check $(PYDIRS)
-	$(BIN)/ruff format $(PYDIRS)-check $(PYDIRS)
+	$(BIN)/ruff format --check $(PYDIRS)
 	$(BIN)/mypy edgefleet agent server compression firmware_sim
 
 format: setup
-	$(BIN)/ruff check $(PYDIRS)-fix $(PYDIRS)
+	$(BIN)/ruff check --fix $(PYDIRS)
 	$(BIN)/ruff format $(PYDIRS)
 
 bench: setup tools
