@@ -7,12 +7,14 @@ time; FastAPI, SQLAlchemy and httpx are imported inside the handlers, so
 
 Verbs:
 
-* ``server run|init|migrate``: operate a server from its settings (database
-  access, no token): ``init`` creates the schema and prints a new admin token.
+* ``server run|mqtt|init|migrate``: operate a server from its settings
+  (database access, no token): ``run`` serves the API with the job worker and
+  the MQTT service, ``mqtt`` runs only the MQTT service (a separate worker),
+  ``init`` creates the schema and prints a new admin token.
 * ``tokens create|ls|revoke``, ``publish``, ``models ls|show|sign|release``,
-  ``jobs show``, ``devices enroll|ls|show|rm``, ``telemetry show``,
-  ``audit verify|ls``: API clients (``--server URL`` or ``EDGEFLEET_SERVER``;
-  ``--token`` or ``EDGEFLEET_TOKEN``).
+  ``jobs show``, ``devices enroll|ls|show|rm|desired``, ``deploy``,
+  ``deployments ls``, ``telemetry show``, ``audit verify|ls``: API clients
+  (``--server URL`` or ``EDGEFLEET_SERVER``; ``--token`` or ``EDGEFLEET_TOKEN``).
 
 Every verb has ``--json`` (one JSON object on stdout) and readable rich
 output. Exit status: 0 success; 1 the server refused the request or the input
@@ -50,6 +52,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--host", default=None, help="listen address (default: settings)")
     run.add_argument("--port", type=int, default=None, help="listen port (default: settings)")
     run.set_defaults(func=_server_run)
+    mq = ssub.add_parser(
+        "mqtt", help="run only the MQTT service (ingest, chunks, desired state) as a worker"
+    )
+    mq.add_argument("--config", type=Path, default=None, help="TOML settings file")
+    mq.add_argument(
+        "--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port"
+    )
+    mq.set_defaults(func=_server_mqtt)
     init = ssub.add_parser("init", help="create or upgrade the schema and print a new admin token")
     init.add_argument("--config", type=Path, default=None)
     init.add_argument("--name", default="admin", help="name of the new admin token")
@@ -151,10 +161,36 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     ds.add_argument("device_id")
     _client_args(ds)
     ds.set_defaults(func=_devices_show)
+    dd = dsub.add_parser("desired", help="a device's desired state (own, groups, effective)")
+    dd.add_argument("device_id")
+    _client_args(dd)
+    dd.set_defaults(func=_devices_desired)
     dr = dsub.add_parser("rm", help="decommission a device (revokes its broker login)")
     dr.add_argument("device_id")
     _client_args(dr)
     dr.set_defaults(func=_devices_rm)
+
+    dep = sub.add_parser(
+        "deploy", help="assign a published model version to a device or group (signed, retained)"
+    )
+    dep.add_argument("model", help="model name")
+    dep.add_argument("version", type=positive_int, help="a published version")
+    where = dep.add_mutually_exclusive_group(required=True)
+    where.add_argument("--device", default=None, help="target device id")
+    where.add_argument("--group", default=None, help="target group")
+    dep.add_argument("--shadow", default=None, metavar="MODEL:VERSION", help="shadow candidate")
+    dep.add_argument("--rollout-id", default=None, help="label carried in the signed state")
+    dep.add_argument("--expires-days", type=positive_int, default=None)
+    _client_args(dep)
+    dep.set_defaults(func=_deploy)
+    deps = sub.add_parser("deployments", help="desired states issued")
+    depsub = deps.add_subparsers(dest="deployments_command", metavar="VERB", required=True)
+    dls = depsub.add_parser("ls", help="newest first")
+    dls.add_argument("--device", default=None)
+    dls.add_argument("--group", default=None)
+    dls.add_argument("--limit", type=positive_int, default=50)
+    _client_args(dls)
+    dls.set_defaults(func=_deployments_ls)
 
     tel = sub.add_parser("telemetry", help="stored telemetry")
     tsub2 = tel.add_subparsers(dest="telemetry_command", metavar="VERB", required=True)
@@ -235,6 +271,50 @@ def _server_run(args: argparse.Namespace) -> int:
         console.print(f"[bold]demo admin token[/] (also in {settings.data_dir / 'admin-token'}):")
         console.print(token)
     uvicorn.run(app, host=args.host or settings.host, port=args.port or settings.port)
+    return 0
+
+
+def _server_mqtt(args: argparse.Namespace) -> int:
+    """Run the MQTT service alone until SIGTERM/SIGINT (schema upgraded first)."""
+    import logging
+    import signal
+    import threading
+
+    from server.db import make_engine, session_factory, upgrade_schema
+    from server.settings import ConfigError, check_production
+
+    try:
+        settings = _settings(args)
+        check_production(settings)
+        if not settings.mqtt_url:
+            raise ConfigError("server mqtt needs EDGEFLEET_MQTT_URL")
+        from server.mqtt.service import MqttService
+
+        engine = make_engine(settings.effective_database_url)
+        upgrade_schema(engine)
+        service = MqttService(session_factory(engine), settings, retention=True)
+    except ConfigError as exc:
+        return emit_error("ConfigError", 1, str(exc), False)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.metrics_port:
+        from prometheus_client import start_http_server
+
+        from server.metrics import REGISTRY
+
+        start_http_server(args.metrics_port, addr=settings.host, registry=REGISTRY)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    service.start()
+    console.print(
+        f"mqtt service {service.connection.options.client_id} -> {settings.mqtt_url} "
+        f"(telemetry: {settings.telemetry_subscription})"
+    )
+    try:
+        stop.wait()
+    finally:
+        service.stop()
+        engine.dispose()
     return 0
 
 
@@ -708,6 +788,99 @@ def _devices_rm(args: argparse.Namespace) -> int:
             args.json,
             lambda x: console.print(f"removed device {x['id']}; broker: {x['broker']['detail']}"),
         )
+        return 0
+
+    return _api(args, call)
+
+
+# ------------------------------------------------------------ deployments
+
+
+def _render_deployment(d: Mapping[str, Any]) -> None:
+    target = ", ".join(f"{k} {v}" for k, v in d["target"].items())
+    shadow = d.get("shadow")
+    console.print(
+        kv_table(
+            f"desired state v{d['version']} for {target}",
+            {
+                "action": d["action"],
+                "model": f"{d['model']} v{d['model_version']}" if d["model"] else "(cleared)",
+                "bundle": d["bundle_id"] or "",
+                "shadow": f"{shadow['model']} v{shadow['version']}" if shadow else "-",
+                "rollout": d["rollout_id"] or "-",
+                "expires": d["expires"] or "-",
+                "topic": d["topic"],
+                "published": d["published_at"] or "not yet (the MQTT service publishes it)",
+            },
+        )
+    )
+
+
+def _deploy(args: argparse.Namespace) -> int:
+    body: dict[str, Any] = {"model": args.model, "version": args.version}
+    if args.shadow:
+        name, _, version = args.shadow.rpartition(":")
+        if not name or not version.isdigit():
+            return emit_error("InvalidInput", 1, "--shadow must be MODEL:VERSION", args.json)
+        body["shadow"] = {"model": name, "version": int(version)}
+    if args.rollout_id:
+        body["rollout_id"] = args.rollout_id
+    if args.expires_days:
+        body["expires_days"] = args.expires_days
+    body["target"] = {"device": args.device} if args.device else {"group": args.group}
+
+    def call(client: Any) -> int:
+        r = client.json("POST", "/deployments", json=body)
+        emit(r, args.json, _render_deployment)
+        return 0
+
+    return _api(args, call)
+
+
+def _deployments_ls(args: argparse.Namespace) -> int:
+    def call(client: Any) -> int:
+        params: dict[str, Any] = {"limit": args.limit}
+        if args.device:
+            params["device"] = args.device
+        if args.group:
+            params["group"] = args.group
+        r = client.json("GET", "/deployments", params=params)
+        emit(
+            r,
+            args.json,
+            lambda x: _table(
+                f"deployments ({x['total']})",
+                ["target", "version", "action", "model", "shadow", "by", "published"],
+                [
+                    [
+                        ", ".join(f"{k} {v}" for k, v in d["target"].items()),
+                        d["version"],
+                        d["action"],
+                        f"{d['model']} v{d['model_version']}" if d["model"] else "",
+                        f"{d['shadow']['model']} v{d['shadow']['version']}" if d["shadow"] else "",
+                        d["created_by"],
+                        d["published_at"] or "pending",
+                    ]
+                    for d in x["deployments"]
+                ],
+            ),
+        )
+        return 0
+
+    return _api(args, call)
+
+
+def _devices_desired(args: argparse.Namespace) -> int:
+    def call(client: Any) -> int:
+        r = client.json("GET", f"/devices/{args.device_id}/desired")
+
+        def render(x: Mapping[str, Any]) -> None:
+            if x["effective"] is None:
+                console.print(f"device {x['device_id']} has no desired state")
+            else:
+                _render_deployment(x["effective"])
+
+        emit(r, args.json, render)
         return 0
 
     return _api(args, call)

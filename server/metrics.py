@@ -22,11 +22,18 @@ from sqlalchemy.orm import Session
 
 __all__ = [
     "API_LATENCY",
+    "CHUNK_BYTES",
+    "CHUNK_REQUESTS",
     "CONTENT_TYPE",
+    "DESIRED_PUBLISHED",
     "DEVICES",
     "DEVICES_ONLINE",
+    "INGEST_BATCH_SECONDS",
+    "MQTT_CONNECTED",
+    "MQTT_MESSAGES",
     "REGISTRY",
     "TELEMETRY_RECORDS",
+    "TELEMETRY_REJECTED",
     "UPDATE_EVENTS",
     "observe_update",
     "render",
@@ -54,6 +61,42 @@ API_LATENCY = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
     registry=REGISTRY,
 )
+MQTT_CONNECTED = Gauge(
+    "edgefleet_mqtt_connected", "1 while this process holds its broker session.", registry=REGISTRY
+)
+MQTT_MESSAGES = Counter(
+    "edgefleet_mqtt_messages",
+    "Messages received from devices, by channel (telemetry, status, facts, chunks/req).",
+    ["channel"],
+    registry=REGISTRY,
+)
+TELEMETRY_REJECTED = Counter(
+    "edgefleet_telemetry_rejected",
+    "Device messages dropped without storing, by reason (malformed, wrong-device).",
+    ["reason"],
+    registry=REGISTRY,
+)
+INGEST_BATCH_SECONDS = Histogram(
+    "edgefleet_ingest_batch_seconds",
+    "Time to store and commit one ingest batch, in seconds.",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0),
+    registry=REGISTRY,
+)
+CHUNK_REQUESTS = Counter(
+    "edgefleet_chunk_requests",
+    "Chunk requests by result (served, denied, unknown-bundle, bad-request, malformed, dropped).",
+    ["result"],
+    registry=REGISTRY,
+)
+CHUNK_BYTES = Counter(
+    "edgefleet_chunk_bytes", "Bundle bytes sent in chunk frames.", registry=REGISTRY
+)
+DESIRED_PUBLISHED = Counter(
+    "edgefleet_desired_published",
+    "Desired-state messages acknowledged by the broker, by action (assign, reissue, clear).",
+    ["action"],
+    registry=REGISTRY,
+)
 DEVICES_ONLINE = Gauge(
     "edgefleet_devices_online", "Enrolled devices whose last status is online.", registry=REGISTRY
 )
@@ -72,6 +115,11 @@ UPDATE_OUTCOMES = frozenset(
         "install-failed",
         "rolled-back",
         "committed",
+        "aborted",
+        "download-retry",
+        "shadow-started",
+        "shadow-failed",
+        "shadow-stopped",
     }
 )
 JOB_STATUSES = ("queued", "running", "succeeded", "failed")
@@ -80,6 +128,10 @@ for _result in ("stored", "duplicate"):
     TELEMETRY_RECORDS.labels(_result)
 for _outcome in sorted(UPDATE_OUTCOMES):
     UPDATE_EVENTS.labels(_outcome)
+for _reason in ("malformed", "wrong-device"):
+    TELEMETRY_REJECTED.labels(_reason)
+for _result in ("served", "denied", "unknown-bundle", "bad-request", "malformed", "dropped"):
+    CHUNK_REQUESTS.labels(_result)
 
 
 def observe_update(kind: str) -> None:

@@ -15,6 +15,9 @@ Data model:
 * ``devices`` (+ ``device_groups``, ``device_tags``): enrolled devices, their
   broker credentials (PBKDF2 hash only), facts and online status.
 * ``telemetry``: one row per telemetry record, unique by (device_id, seq).
+* ``desired_states``: every signed desired state ever issued, per target
+  (``device``/``group`` + name) with a strictly increasing ``version``; the
+  newest row of a target is what its retained topic must carry.
 
 Invariants: every timestamp is aware UTC (``UTCDateTime``); JSON columns hold
 only JSON-native values; names and ids are bounded strings validated before
@@ -49,6 +52,7 @@ __all__ = [
     "AuditHead",
     "AuthFailure",
     "Base",
+    "DesiredStateRow",
     "Device",
     "DeviceGroup",
     "DeviceTag",
@@ -267,3 +271,31 @@ class TelemetryRow(Base):
     errors: Mapped[int] = mapped_column(BigInteger)
     received_at: Mapped[datetime]
     record: Mapped[dict[str, Any]]
+
+
+class DesiredStateRow(Base):
+    __tablename__ = "desired_states"
+    __table_args__ = (
+        UniqueConstraint("target_kind", "target_name", "version", name="uq_desired_target_version"),
+        Index("ix_desired_states_published", "published_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    target_kind: Mapped[str] = mapped_column(String(8))  # device | group
+    target_name: Mapped[str] = mapped_column(String(64))
+    version: Mapped[int] = mapped_column(BigInteger)
+    action: Mapped[str] = mapped_column(String(16))  # assign | reissue | clear
+    model_name: Mapped[str | None] = mapped_column(String(64))
+    model_version: Mapped[int | None] = mapped_column(BigInteger)
+    bundle_id: Mapped[str | None] = mapped_column(String(128))
+    shadow_model_name: Mapped[str | None] = mapped_column(String(64))
+    shadow_model_version: Mapped[int | None] = mapped_column(BigInteger)
+    shadow_bundle_id: Mapped[str | None] = mapped_column(String(128))
+    rollout_id: Mapped[str | None] = mapped_column(String(128))
+    issued: Mapped[datetime]
+    expires: Mapped[datetime | None]
+    payload: Mapped[bytes] = mapped_column(LargeBinary)  # signed wire bytes; b"" clears
+    payload_sha256: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime]
+    created_by: Mapped[str] = mapped_column(String(128))
+    published_at: Mapped[datetime | None]

@@ -16,9 +16,12 @@ Every bound has its unit in the field description.
 from __future__ import annotations
 
 import contextvars
+import re
 import secrets
+import socket
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import (
@@ -92,6 +95,60 @@ class Settings(BaseSettings):
     telemetry_retention_days: int = Field(90, ge=1, le=36500, description="days kept")
     bundle_expires_days: int = Field(90, ge=1, le=3650, description="default bundle lifetime")
     metrics_public: bool = Field(False, description="serve /metrics without a token")
+    director_keys: list[Path] = Field(
+        default_factory=list,
+        description="director private keys (PEM) that sign desired states; none: no deployments",
+    )
+    desired_expires_days: int = Field(
+        7, ge=1, le=365, description="days a signed desired state stays valid"
+    )
+    desired_reissue_hours: int = Field(
+        48, ge=1, le=8760, description="re-sign a desired state this many hours before it expires"
+    )
+    desired_poll_seconds: float = Field(
+        1.0, ge=0.05, le=60.0, description="seconds between checks for unpublished desired states"
+    )
+    desired_republish_seconds: float = Field(
+        300.0, ge=1.0, le=86400.0, description="seconds between re-publishing every desired state"
+    )
+    mqtt_enabled: bool = Field(
+        True, description="run the MQTT service (ingest, chunks, desired state) in 'server run'"
+    )
+    mqtt_client_id: str | None = Field(
+        None,
+        description="this replica's stable MQTT client id (session); default <username>-<host>",
+    )
+    mqtt_ca_file: Path | None = Field(None, description="CA bundle for mqtts:// brokers")
+    mqtt_session_expiry_seconds: int = Field(
+        86400, ge=0, le=0xFFFFFFFF, description="seconds the broker keeps a replica's session"
+    )
+    mqtt_receive_maximum: int = Field(
+        1000, ge=1, le=65535, description="unacknowledged QoS 1 messages the broker may send us"
+    )
+    mqtt_share_group: str = Field(
+        "edgefleet",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,40}$",
+        description="prefix of the $share groups (<prefix>-ingest, <prefix>-chunks)",
+    )
+    telemetry_subscription: Literal["shared", "exclusive"] = Field(
+        "exclusive",
+        description=(
+            "exclusive: every replica gets all telemetry on its own persistent session "
+            "(safe across broker restarts); shared: $share load-splitting"
+        ),
+    )
+    ingest_batch_max: int = Field(
+        500, ge=1, le=10_000, description="telemetry records per database transaction"
+    )
+    ingest_batch_seconds: float = Field(
+        0.2, ge=0.001, le=60.0, description="longest wait, seconds, before a partial batch commits"
+    )
+    chunk_rate_bytes_per_second: int = Field(
+        0, ge=0, le=1 << 40, description="chunk bytes per second per device (0: unlimited)"
+    )
+    chunk_max_pending_blocks: int = Field(
+        4096, ge=1, le=1 << 20, description="blocks queued per device before requests are dropped"
+    )
 
     @classmethod
     def settings_customise_sources(
@@ -119,6 +176,27 @@ class Settings(BaseSettings):
             raise ValueError(f"mqtt_username: {exc}") from exc
         return value
 
+    @field_validator("mqtt_client_id")
+    @classmethod
+    def _safe_client_id(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$", value):
+            raise ValueError("mqtt_client_id: use 1-128 ASCII letters, digits, '.', '_' or '-'")
+        return value
+
+    @field_validator("mqtt_url")
+    @classmethod
+    def _known_broker(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+            raise ValueError("mqtt_url must look like mqtt://host[:port] or mqtts://host[:port]")
+        try:
+            parts.port  # noqa: B018 - raises on a bad port
+        except ValueError as exc:
+            raise ValueError(f"mqtt_url: {exc}") from exc
+        return value
+
     @field_validator("database_url")
     @classmethod
     def _known_database(cls, value: str | None) -> str | None:
@@ -140,6 +218,27 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite:///{(self.data_dir / 'edgefleet.db').resolve()}"
+
+    @property
+    def effective_mqtt_client_id(self) -> str:
+        """The configured client id, or ``<mqtt_username>-<host name>`` (stable per host)."""
+        if self.mqtt_client_id:
+            return self.mqtt_client_id
+        host = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname())[:60] or "host"
+        return f"{self.mqtt_username}-{host}"
+
+    @property
+    def mqtt_address(self) -> tuple[str, int, bool]:
+        """``(host, port, tls)`` of ``mqtt_url``.
+
+        Raises:
+            ConfigError: no broker URL is configured.
+        """
+        if not self.mqtt_url:
+            raise ConfigError("no broker configured (EDGEFLEET_MQTT_URL)")
+        parts = urlsplit(self.mqtt_url)
+        tls = parts.scheme == "mqtts"
+        return str(parts.hostname), parts.port or (8883 if tls else 1883), tls
 
     @property
     def effective_storage_dir(self) -> Path:
@@ -206,6 +305,7 @@ def prepare_demo(settings: Settings) -> Settings:
     if not keys.trust_root_path.exists():
         keys.init()
     release = sorted((data / "keys").glob("release-*.key"))
+    director = sorted((data / "keys").glob("director-*.key"))
     password_path = data / "mqtt-password"
     if not password_path.exists():
         atomic_write_bytes(password_path, secrets.token_urlsafe(24).encode(), mode=0o600)
@@ -217,6 +317,7 @@ def prepare_demo(settings: Settings) -> Settings:
         "mosquitto_password_file": settings.mosquitto_password_file
         or data / "mosquitto" / "passwd",
         "mosquitto_acl_file": settings.mosquitto_acl_file or data / "mosquitto" / "acl",
+        "director_keys": settings.director_keys or director,
     }
     return settings.model_copy(update=update)
 
@@ -239,6 +340,9 @@ def check_production(settings: Settings) -> None:
         problems.append(f"trust root {settings.trust_root} does not exist")
     if settings.release_key is not None and not settings.release_key.is_file():
         problems.append(f"release key {settings.release_key} does not exist")
+    for key in settings.director_keys:
+        if not key.is_file():
+            problems.append(f"director key {key} does not exist")
     if settings.mqtt_url and settings.mqtt_password is None:
         problems.append("EDGEFLEET_MQTT_URL is set but EDGEFLEET_MQTT_PASSWORD is not")
     if (settings.mosquitto_password_file is None) != (settings.mosquitto_acl_file is None):

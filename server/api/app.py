@@ -2,9 +2,12 @@
 
 Flow: ``create_app(settings)`` builds the engine, creates or upgrades the
 schema (Alembic, under a cross-replica lock), refuses a production start
-without an admin token, and mounts the routers under ``/api/v1``. The
-lifespan starts this replica's job worker (unless ``worker_enabled`` is off)
-and stops it on shutdown.
+without an admin token, regenerates the managed broker files from the
+devices table (so the server's own broker login is always in them), and
+mounts the routers under ``/api/v1``. The lifespan starts this replica's job
+worker (unless ``worker_enabled`` is off) and its MQTT service (ingest, chunk
+service, desired-state publisher; when ``mqtt_enabled`` and ``mqtt_url`` are
+set) and stops both on shutdown.
 
 Invariants: the process keeps no state besides caches of the database and the
 trust-root file, so any number of replicas can serve one database and one
@@ -25,9 +28,19 @@ from sqlalchemy.exc import DataError
 
 from edgefleet import __version__
 from server import metrics
-from server.api.routes import audit, devices, jobs, models, system, telemetry, tokens
+from server.api.routes import (
+    audit,
+    deployments,
+    devices,
+    jobs,
+    models,
+    system,
+    telemetry,
+    tokens,
+)
 from server.db import make_engine, session_factory, upgrade_schema
 from server.errors import RateLimitedError, ServerError
+from server.services import broker
 from server.services import tokens as token_service
 from server.services.jobs import Worker
 from server.settings import ConfigError, Settings, check_production
@@ -61,14 +74,29 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> FastAPI:
                     "(it prints the token once)"
                 )
 
+    if broker.broker_files_configured(settings):
+        with factory() as session, broker.sync_broker_files(session, settings):
+            session.commit()
+        broker.reload_broker(settings)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         worker = Worker(factory, settings) if settings.worker_enabled else None
+        mqtt = None
+        if settings.mqtt_enabled and settings.mqtt_url:
+            from server.mqtt.service import MqttService
+
+            mqtt = MqttService(factory, settings)
+        app.state.mqtt = mqtt
         if worker is not None:
             worker.start()
+        if mqtt is not None:
+            mqtt.start()
         try:
             yield
         finally:
+            if mqtt is not None:
+                mqtt.stop()
             if worker is not None:
                 worker.stop()
 
@@ -83,6 +111,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> FastAPI:
     app.state.session_factory = factory
     app.state.schema_revision = revision
     app.state.trust_roots = TrustRootCache(settings.trust_root)
+    app.state.mqtt = None
 
     @app.exception_handler(ServerError)
     async def _server_error(request: Request, exc: ServerError) -> JSONResponse:
@@ -116,7 +145,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> FastAPI:
         ).observe(time.perf_counter() - start)
         return response
 
-    for module in (tokens, models, jobs, devices, telemetry, audit):
+    for module in (tokens, models, jobs, devices, deployments, telemetry, audit):
         app.include_router(module.router, prefix=API_PREFIX)
     app.include_router(system.public_router)
     app.include_router(system.open_metrics_router if settings.metrics_public else system.router)

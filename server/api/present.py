@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 
 from server.api import schemas
-from server.models import AuditEntry, Device, Job, ModelVersion, TelemetryRow
+from server.models import AuditEntry, DesiredStateRow, Device, Job, ModelVersion, TelemetryRow
 from server.services import registry
 from server.trustcache import TrustRootCache
 
-__all__ = ["audit_entry", "device", "job", "telemetry", "version"]
+__all__ = ["audit_entry", "deployment", "device", "job", "telemetry", "version"]
 
 
 def device(d: Device) -> schemas.DevicePublic:
@@ -130,3 +130,34 @@ def _detail(text: str) -> dict[str, object]:
     except ValueError:
         return {"unparseable": text[:1000]}
     return value if isinstance(value, dict) else {"value": value}
+
+
+def deployment(row: DesiredStateRow) -> schemas.DeploymentPublic:
+    from server.services.desired import Target
+
+    shadow = None
+    if row.shadow_model_name is not None:
+        shadow = {
+            "model": row.shadow_model_name,
+            "version": row.shadow_model_version,
+            "bundle_id": row.shadow_bundle_id,
+        }
+    target = Target.of(row)
+    return schemas.DeploymentPublic(
+        id=row.id,
+        target={target.kind: target.name},
+        version=row.version,
+        action=row.action,
+        model=row.model_name,
+        model_version=row.model_version,
+        bundle_id=row.bundle_id,
+        shadow=shadow,
+        rollout_id=row.rollout_id,
+        issued=row.issued,
+        expires=row.expires,
+        payload_sha256=row.payload_sha256,
+        created_at=row.created_at,
+        created_by=row.created_by,
+        published_at=row.published_at,
+        topic=target.topic,
+    )

@@ -248,6 +248,78 @@ class TelemetryList(BaseModel):
     total: int
 
 
+# ------------------------------------------------------------ deployments
+
+
+class ModelVersionRef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$", description="model name")
+    version: int = Field(ge=1, le=2**53 - 1)
+
+
+class DesiredTargetBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    device: str | None = Field(None, pattern=NAME_PATTERN, max_length=64)
+    group: str | None = Field(None, pattern=NAME_PATTERN, max_length=64)
+
+
+class DesiredSet(BaseModel):
+    """What a device or group should run (``PUT .../desired``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$", description="model name")
+    version: int = Field(ge=1, le=2**53 - 1, description="a published version")
+    shadow: ModelVersionRef | None = Field(None, description="candidate run beside it")
+    rollout_id: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$", description="a label for your books"
+    )
+    expires_days: int | None = Field(
+        None, ge=1, le=365, description="signed lifetime (re-signed before it ends)"
+    )
+
+
+class DeploymentCreate(DesiredSet):
+    """``POST /deployments``: a target and what it should run."""
+
+    target: DesiredTargetBody
+
+
+class DeploymentPublic(BaseModel):
+    id: int
+    target: dict[str, str]
+    version: int = Field(description="the target's desired-state version (strictly increasing)")
+    action: str = Field(description="assign, reissue or clear")
+    model: str | None
+    model_version: int | None
+    bundle_id: str | None
+    shadow: dict[str, Any] | None
+    rollout_id: str | None
+    issued: datetime
+    expires: datetime | None
+    payload_sha256: str
+    created_at: datetime
+    created_by: str
+    published_at: datetime | None
+    topic: str
+
+
+class DeploymentList(BaseModel):
+    deployments: list[DeploymentPublic]
+    total: int
+
+
+class DeviceDesired(BaseModel):
+    """A device's own desired state, its groups', and which one applies."""
+
+    device_id: str
+    own: DeploymentPublic | None
+    groups: list[DeploymentPublic]
+    effective: DeploymentPublic | None
+
+
 # ------------------------------------------------------------------ audit
 
 

@@ -76,6 +76,7 @@ class Keys:
     trust_root: Path
     release: list[Path]
     root: list[Path]
+    director: list[Path]
 
 
 def make_keys(directory: Path, *, release_keys: int = 1, release_threshold: int = 1) -> Keys:
@@ -88,6 +89,7 @@ def make_keys(directory: Path, *, release_keys: int = 1, release_threshold: int 
         store.trust_root_path,
         sorted(directory.glob("release-*.key")),
         sorted(directory.glob("root-*.key")),
+        sorted(directory.glob("director-*.key")),
     )
 
 
@@ -113,6 +115,8 @@ def make_settings(tmp: Path, db_url: str, keys: Keys, **overrides: Any) -> Setti
         "mosquitto_password_file": tmp / "broker" / "passwd",
         "mosquitto_acl_file": tmp / "broker" / "acl",
         "worker_enabled": False,
+        "mqtt_enabled": False,
+        "director_keys": keys.director,
     }
     values.update(overrides)
     return Settings(**values)

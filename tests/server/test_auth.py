@@ -39,6 +39,14 @@ EXPECTED: dict[tuple[str, str], Permission | None] = {
     ("GET", "/api/v1/devices/{device_id}"): P.READ,
     ("PATCH", "/api/v1/devices/{device_id}"): P.OPERATE,
     ("DELETE", "/api/v1/devices/{device_id}"): P.OPERATE,
+    ("POST", "/api/v1/deployments"): P.OPERATE,
+    ("GET", "/api/v1/deployments"): P.READ,
+    ("PUT", "/api/v1/devices/{device_id}/desired"): P.OPERATE,
+    ("GET", "/api/v1/devices/{device_id}/desired"): P.READ,
+    ("DELETE", "/api/v1/devices/{device_id}/desired"): P.OPERATE,
+    ("PUT", "/api/v1/groups/{group}/desired"): P.OPERATE,
+    ("GET", "/api/v1/groups/{group}/desired"): P.READ,
+    ("DELETE", "/api/v1/groups/{group}/desired"): P.OPERATE,
     ("GET", "/api/v1/telemetry"): P.READ,
     ("GET", "/api/v1/audit"): P.ADMIN,
     ("GET", "/api/v1/audit/verify"): P.ADMIN,
@@ -55,6 +63,7 @@ PARAMS = {
     "{token_id}": "f" * 32,
     "{device_id}": "dev-matrix",
     "{job_id}": "0" * 32,
+    "{group}": "grp-matrix",
 }
 
 

@@ -206,7 +206,7 @@ def test_server_init_creates_admin_token(tmp_path: Path, keys: Keys, capsys) -> 
     )
     assert main(["server", "init", "--config", str(config), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["token"].startswith("eft_") and out["schema_revision"] == "0001"
+    assert out["token"].startswith("eft_") and out["schema_revision"] == "0002"
     from server.api.app import create_app
     from server.settings import load_settings
 

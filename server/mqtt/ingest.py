@@ -1,0 +1,249 @@
+"""Device messages into the database: telemetry in batches, status and facts.
+
+Flow: the network thread hands every telemetry, status and facts delivery to
+``Ingester.submit`` (a queue; no work on the network thread). The ingester
+thread takes the first waiting delivery, keeps collecting until it holds
+``batch_max`` of them or ``batch_seconds`` have passed, then parses each one
+(``TelemetryRecord`` / ``StatusMessage`` / ``DeviceFactsMessage``, strict,
+bounded), checks that the payload's ``device_id`` is the topic's device, and
+stores the whole batch in ONE transaction: ``telemetry.ingest_batch``
+(insert-or-ignore on ``(device_id, seq)``), ``fleet.record_status`` and
+``fleet.record_facts``. Only after the commit are the deliveries
+acknowledged to the broker.
+
+Invariants:
+
+* No acknowledged telemetry is lost: a PUBACK leaves this replica only for a
+  record that is committed (or is malformed or names another device, which
+  no retry could fix: those are dropped and counted). A replica killed at any
+  point leaves the unacknowledged rest in its broker session; the broker
+  re-sends it on reconnect, and the dedupe makes that harmless.
+* A database outage never drops anything: the batch is retried with backoff
+  (not acknowledged meanwhile; the broker's receive maximum bounds what
+  waits). A batch the database refuses for another reason is split and
+  stored one message at a time, so one bad row cannot block the others.
+* The transaction is the unit: records, statuses and facts of a batch land
+  together or not at all.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import random
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
+from sqlalchemy.orm import Session
+
+from edgefleet.errors import VerificationError
+from edgefleet.messages import DeviceFactsMessage, StatusMessage, TelemetryRecord
+from edgefleet.topics import DeviceChannel, DeviceTopic, TopicError, parse
+from server import metrics
+from server.mqtt.connection import Delivery
+from server.services import fleet, telemetry
+
+__all__ = ["IngestStats", "Ingester"]
+
+log = logging.getLogger("edgefleet.server.ingest")
+
+_RETRY_MAX_S = 5.0  # seconds, longest wait between attempts on an unavailable database
+
+
+@dataclass
+class IngestStats:
+    """What this ingester did since it started (for logs, tests and the benchmark)."""
+
+    batches: int = 0
+    stored: int = 0
+    duplicates: int = 0
+    statuses: int = 0
+    facts: int = 0
+    rejected: int = 0
+    retries: int = 0
+    unacked: int = 0  # commits whose delivery could not be acknowledged (reconnected since)
+
+
+@dataclass
+class _Parsed:
+    records: list[TelemetryRecord]
+    statuses: list[StatusMessage]
+    facts: list[DeviceFactsMessage]
+
+
+class Ingester:
+    """Batches device messages into transactions and acknowledges them after commit."""
+
+    def __init__(
+        self,
+        session_factory: Callable[[], Session],
+        ack: Callable[[Delivery], bool],
+        *,
+        batch_max: int = 500,
+        batch_seconds: float = 0.2,
+    ) -> None:
+        if batch_max < 1 or batch_seconds <= 0:
+            raise ValueError("batch_max must be >= 1 and batch_seconds > 0")
+        self._sessions = session_factory
+        self._ack = ack
+        self.batch_max = batch_max
+        self.batch_seconds = batch_seconds
+        self._queue: queue.SimpleQueue[Delivery] = queue.SimpleQueue()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._rng = random.Random()
+        self.stats = IngestStats()
+
+    # ------------------------------------------------------------- lifecycle
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._run, name="edgefleet-ingest", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Finish the batch in hand (stored and acknowledged) and stop."""
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join(timeout_s)
+            self._thread = None
+
+    def submit(self, delivery: Delivery) -> None:
+        """Queue a delivery (called on the network thread; never blocks)."""
+        self._queue.put(delivery)
+
+    def backlog(self) -> int:
+        """Deliveries waiting for a batch."""
+        return self._queue.qsize()
+
+    # ------------------------------------------------------------------ loop
+
+    def _next_batch(self) -> list[Delivery]:
+        try:
+            first = self._queue.get(timeout=0.1)
+        except queue.Empty:
+            return []
+        batch = [first]
+        deadline = time.monotonic() + self.batch_seconds
+        while len(batch) < self.batch_max:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                batch.append(self._queue.get(timeout=remaining))
+            except queue.Empty:
+                break
+        return batch
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            batch = self._next_batch()
+            if batch:
+                self.process(batch)
+        rest: list[Delivery] = []  # what already arrived: store it, so little is re-sent
+        while True:
+            try:
+                rest.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        for start in range(0, len(rest), self.batch_max):
+            self.process(rest[start : start + self.batch_max])
+
+    # ------------------------------------------------------------ processing
+
+    def _parse(self, batch: Sequence[Delivery]) -> tuple[_Parsed, list[Delivery]]:
+        parsed = _Parsed([], [], [])
+        keep: list[Delivery] = []
+        for delivery in batch:
+            try:
+                topic = parse(delivery.topic)
+                if not isinstance(topic, DeviceTopic):
+                    raise TopicError(f"not a device topic: {delivery.topic}")
+                metrics.MQTT_MESSAGES.labels(topic.channel.value).inc()
+                if not delivery.payload:
+                    keep.append(delivery)  # a cleared retained message: nothing to store
+                    continue
+                message: TelemetryRecord | StatusMessage | DeviceFactsMessage
+                if topic.channel is DeviceChannel.TELEMETRY:
+                    message = TelemetryRecord.from_bytes(delivery.payload)
+                elif topic.channel is DeviceChannel.STATUS:
+                    message = StatusMessage.from_bytes(delivery.payload)
+                elif topic.channel is DeviceChannel.FACTS:
+                    message = DeviceFactsMessage.from_bytes(delivery.payload)
+                else:
+                    raise VerificationError(f"unexpected channel {topic.channel.value}")
+            except (VerificationError, ValueError) as exc:
+                self._reject(delivery, "malformed", exc)
+                continue
+            if message.device_id != topic.device_id:
+                self._reject(
+                    delivery,
+                    "wrong-device",
+                    f"payload names {message.device_id!r} on {topic.device_id!r}'s topic",
+                )
+                continue
+            keep.append(delivery)
+            if isinstance(message, TelemetryRecord):
+                parsed.records.append(message)
+            elif isinstance(message, StatusMessage):
+                parsed.statuses.append(message)
+            else:
+                parsed.facts.append(message)
+        return parsed, keep
+
+    def _reject(self, delivery: Delivery, reason: str, why: object) -> None:
+        self.stats.rejected += 1
+        metrics.TELEMETRY_REJECTED.labels(reason).inc()
+        log.warning("ingest: dropped %s (%s): %s", delivery.topic, reason, why)
+        self._ack(delivery)  # no retry can fix it: acknowledge so it is not re-sent forever
+
+    def _store(self, parsed: _Parsed) -> tuple[int, int]:
+        started = time.perf_counter()
+        with self._sessions() as session:
+            stored, duplicates = telemetry.ingest_batch(session, parsed.records)
+            for status in parsed.statuses:
+                fleet.record_status(session, status)
+            for facts in parsed.facts:
+                fleet.record_facts(session, facts)
+            session.commit()
+        metrics.INGEST_BATCH_SECONDS.observe(time.perf_counter() - started)
+        return stored, duplicates
+
+    def process(self, batch: Sequence[Delivery]) -> None:
+        """Parse, store in one transaction, then acknowledge ``batch``.
+
+        Retries while the database is unavailable (until ``stop``); never raises.
+        """
+        parsed, keep = self._parse(batch)
+        attempt = 0
+        while True:
+            try:
+                stored, duplicates = self._store(parsed)
+                break
+            except (OperationalError, InterfaceError) as exc:
+                self.stats.retries += 1
+                log.warning("ingest: database unavailable, batch kept unacknowledged: %s", exc)
+                if self._stop.is_set():
+                    return  # not acknowledged: the broker re-sends it to the next session
+                self._stop.wait(self._rng.uniform(0, min(_RETRY_MAX_S, 0.1 * 2**attempt)))
+                attempt += 1
+            except SQLAlchemyError as exc:
+                if len(batch) == 1:
+                    self._reject(batch[0], "malformed", f"the database refused it: {exc}")
+                    return
+                log.warning("ingest: batch refused (%s); storing one message at a time", exc)
+                for delivery in batch:
+                    self.process([delivery])
+                return
+        self.stats.batches += 1
+        self.stats.stored += stored
+        self.stats.duplicates += duplicates
+        self.stats.statuses += len(parsed.statuses)
+        self.stats.facts += len(parsed.facts)
+        for delivery in keep:
+            if not self._ack(delivery):
+                self.stats.unacked += 1
