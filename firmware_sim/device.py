@@ -11,9 +11,14 @@ until ``power_cycle()`` (which applies the durability model for a power cut)
 boots it again. A crash *during* boot (recovery itself interrupted) leaves the
 device off too; ``boot_until_up`` keeps cycling.
 
-Hooks for what this module does not simulate: ``fetch`` maps a bundle
-reference to a readable stream (default: open a local file); a simulated
-network (the downloader's) can supply one that stalls, truncates or drops.
+The network: given a ``firmware_sim.network.SimNetwork``, ``connect()`` opens
+the process's MQTT connection (a ``SimLink``; it dies with the process) and
+``download_and_install(bundle)`` runs the real chunked downloader into
+``state/daemon/downloads`` and installs the verified file with the real agent.
+``cut_power_now()`` cuts the power from any thread (a link's frame trigger):
+the download stops as a dead process does, and the next ``power_cycle`` also
+loses the download blocks no durable checkpoint claims. ``fetch`` maps a bundle
+reference to a readable stream for ``install`` (default: open a local file).
 ``crash_on_load`` makes onnxruntime "segfault" (kill the process) whenever it
 loads a model whose bytes hash to one of the given digests.
 """
@@ -24,7 +29,7 @@ import hashlib
 from collections.abc import Callable, Iterable
 from datetime import datetime
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import IO, TYPE_CHECKING, Any, TypeVar
 
 from agent.core import Agent, InstallResult
 from agent.options import AgentOptions
@@ -32,6 +37,17 @@ from agent.runtime import Session, SessionFactory, make_session
 from agent.state import UpdateEvent
 from edgefleet.manifest import DeviceFacts
 from firmware_sim.disk import FaultPlan, PowerCut, ProcessKilled, SimDisk, SimulatedCrash
+from firmware_sim.network import (
+    NetworkInstall,
+    SimLink,
+    SimNetwork,
+    download_and_install,
+    lose_unsynced_downloads,
+)
+
+if TYPE_CHECKING:
+    from agent.download import DownloadOptions, NetworkFaults
+    from edgefleet.messages import BundleRef
 
 __all__ = ["SimDevice"]
 
@@ -55,8 +71,10 @@ class SimDevice:
         facts: what the device reports to the verifier (a Raspberry Pi 4 by default).
         clock: the device's UTC clock.
         free_bytes: disk space for new data (None: unlimited).
-        fetch: bundle reference -> readable stream (the network hook).
+        fetch: bundle reference -> readable stream for ``install``.
         crash_on_load: sha256 digests of model bytes whose loading kills the process.
+        network: the simulated network the device downloads bundles over.
+        device_id: its MQTT client id and topic name.
     """
 
     def __init__(
@@ -69,6 +87,8 @@ class SimDevice:
         free_bytes: int | None = None,
         fetch: Callable[[str], IO[bytes]] | None = None,
         crash_on_load: Iterable[str] = (),
+        network: SimNetwork | None = None,
+        device_id: str = "sim-1",
     ) -> None:
         self.root = Path(root)
         self.state_dir = self.root / "state"
@@ -83,6 +103,9 @@ class SimDevice:
         self.crashes: list[SimulatedCrash] = []
         self.events: list[UpdateEvent] = []
         self._session_factory: SessionFactory = self._make_session
+        self.network = network
+        self.device_id = device_id
+        self.link: SimLink | None = None
 
     # ------------------------------------------------------------- power
 
@@ -127,6 +150,7 @@ class SimDevice:
             lose_unsynced = isinstance(last, PowerCut)
         if lose_unsynced:
             self.disk.power_loss()
+            lose_unsynced_downloads(self.daemon_dir)
         else:
             self.disk.revive()
         self.disk.arm(arm)
@@ -145,8 +169,14 @@ class SimDevice:
         raise RuntimeError(f"the device did not come up within {max_boots} boots")
 
     def power_off(self) -> None:
-        """Drop the running agent as a dead process would (lock released, nothing written)."""
+        """Drop the running agent as a dead process would (lock released, nothing written).
+
+        Its MQTT connection dies with it (no DISCONNECT).
+        """
         agent, self.agent = self.agent, None
+        link, self.link = self.link, None
+        if link is not None:
+            link.kill()
         if agent is not None:
             agent.abandon()
 
@@ -167,6 +197,10 @@ class SimDevice:
     def fail_at(self, k: int, err: int, *, sticky: bool = False) -> None:
         """Make the k-th mutation from now fail with ``OSError(err)``."""
         self.disk.arm(FaultPlan(at=k, kind="oserror", errno=err, sticky=sticky))
+
+    def cut_power_now(self) -> None:
+        """Cut the power now, from any thread: the running operation dies at its next step."""
+        self.disk.kill(PowerCut("power cut"))
 
     # --------------------------------------------------------------- run
 
@@ -196,6 +230,64 @@ class SimDevice:
         def op(agent: Agent) -> InstallResult:
             with self.fetch(ref) as stream:
                 return agent.install(stream, source_name=ref)
+
+        return self.run(op)
+
+    @property
+    def daemon_dir(self) -> Path:
+        """Where the daemon keeps its files (``downloads/``), as ``agent run`` does."""
+        return self.state_dir / "daemon"
+
+    def connect(self) -> SimLink:
+        """The running process's MQTT connection (opened on first use).
+
+        Raises:
+            RuntimeError: no network, or the device is off.
+            MqttError: the broker did not accept the connection.
+        """
+        if self.network is None:
+            raise RuntimeError("this device has no network")
+        if self.agent is None:
+            raise RuntimeError("the device is off: power_cycle() first")
+        if self.link is None:
+            self.link = self.network.connect(self.device_id, dead=lambda: self.disk.dead)
+        return self.link
+
+    def download_and_install(
+        self,
+        bundle: BundleRef,
+        *,
+        faults: NetworkFaults | None = None,
+        options: DownloadOptions | None = None,
+        update_id: str | None = None,
+        deadline_s: float = 30.0,
+    ) -> NetworkInstall | SimulatedCrash:
+        """Download ``bundle`` over the network and install it.
+
+        See ``firmware_sim.network.download_and_install``; a simulated crash is
+        returned (the device is then off), as with ``run``.
+
+        Raises:
+            RuntimeError: no network, or the device is off.
+            MqttError: the broker did not accept the connection.
+            StorageError: the agent could not store its state.
+        """
+        link = self.connect()
+        network = self.network
+        assert network is not None
+
+        def op(agent: Agent) -> NetworkInstall:
+            return download_and_install(
+                agent,
+                link,
+                bundle,
+                daemon_dir=self.daemon_dir,
+                options=options or network.options,
+                faults=faults,
+                update_id=update_id,
+                deadline_s=deadline_s,
+                dead=lambda: self.disk.dead,
+            )
 
         return self.run(op)
 
