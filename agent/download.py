@@ -609,6 +609,15 @@ class Downloader:
             raise HashMismatchError(f"stored bundle {self.bundle.id} no longer matches its sha256")
         return self.final_path
 
+    def abandon(self) -> None:
+        """What the kernel does when the process dies: close the file, write nothing.
+
+        Used by the simulator's power cuts; the next ``Downloader`` on the same
+        state directory resumes from the last durable checkpoint.
+        """
+        with self._cond:
+            self._close()
+
     def close(self) -> None:
         """Checkpoint and release the file (the download can be resumed later)."""
         with self._cond:

@@ -517,7 +517,7 @@ def download_and_install(
         link.attach(None)  # no frame is being written once this returns
         # The kernel closes a dead process's descriptors: no checkpoint, no flush
         # (``close()`` would checkpoint, which a dead process cannot do).
-        downloader._close()
+        downloader.abandon()
         raise
     except EdgefleetError as exc:
         link.attach(None)
