@@ -4,12 +4,14 @@ Flow: the network thread hands every telemetry, status and facts delivery to
 ``Ingester.submit`` (a queue; no work on the network thread). The ingester
 thread takes the first waiting delivery, keeps collecting until it holds
 ``batch_max`` of them or ``batch_seconds`` have passed, then parses each one
-(``TelemetryRecord`` / ``StatusMessage`` / ``DeviceFactsMessage``, strict,
-bounded), checks that the payload's ``device_id`` is the topic's device, and
-stores the whole batch in ONE transaction: ``telemetry.ingest_batch``
-(insert-or-ignore on ``(device_id, seq)``), ``fleet.record_status`` and
-``fleet.record_facts``. Only after the commit are the deliveries
-acknowledged to the broker.
+(``parse_payloads``: ``TelemetryRecord`` / ``StatusMessage`` /
+``DeviceFactsMessage``, strict, bounded; in ``parse_processes`` worker
+processes when set, since strict parsing is most of the CPU per record),
+checks that the payload's ``device_id`` is the topic's device, and stores the
+whole batch in ONE transaction: ``telemetry.ingest_summaries``
+(insert-or-ignore on ``(device_id, seq)``, the device's canonical JSON stored
+as received), ``fleet.record_status`` and ``fleet.record_facts``. Only after
+the commit are the deliveries acknowledged to the broker.
 
 Invariants:
 
@@ -28,6 +30,7 @@ Invariants:
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import queue
 import random
@@ -35,6 +38,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session
@@ -46,7 +50,7 @@ from server import metrics
 from server.mqtt.connection import Delivery
 from server.services import fleet, telemetry
 
-__all__ = ["IngestStats", "Ingester"]
+__all__ = ["IngestStats", "Ingester", "parse_payloads"]
 
 log = logging.getLogger("edgefleet.server.ingest")
 
@@ -67,9 +71,59 @@ class IngestStats:
     unacked: int = 0  # commits whose delivery could not be acknowledged (reconnected since)
 
 
+Parsed = tuple[Any, ...]  # ("telemetry", RecordSummary) | ("status", msg) | ... | ("reject", why)
+
+
+def parse_payloads(items: Sequence[tuple[str, bytes]]) -> list[Parsed]:
+    """Parse and check ``(topic, payload)`` pairs; pure, so it can run in a worker process.
+
+    Returns one entry per item: ``("telemetry", RecordSummary)``,
+    ``("status", StatusMessage)``, ``("facts", DeviceFactsMessage)``,
+    ``("empty",)`` for a cleared retained message, or ``("reject", reason,
+    detail)`` with reason ``malformed`` or ``wrong-device``.
+    """
+    out: list[Parsed] = []
+    for topic_text, payload in items:
+        try:
+            topic = parse(topic_text)
+            if not isinstance(topic, DeviceTopic):
+                raise TopicError(f"not a device topic: {topic_text}")
+            if not payload:
+                out.append(("empty",))
+                continue
+            message: TelemetryRecord | StatusMessage | DeviceFactsMessage
+            if topic.channel is DeviceChannel.TELEMETRY:
+                message = TelemetryRecord.from_bytes(payload)
+            elif topic.channel is DeviceChannel.STATUS:
+                message = StatusMessage.from_bytes(payload)
+            elif topic.channel is DeviceChannel.FACTS:
+                message = DeviceFactsMessage.from_bytes(payload)
+            else:
+                raise TopicError(f"unexpected channel {topic.channel.value}")
+        except (VerificationError, ValueError) as exc:  # TopicError is a ValueError
+            out.append(("reject", "malformed", str(exc)[:300]))
+            continue
+        if message.device_id != topic.device_id:
+            out.append(
+                (
+                    "reject",
+                    "wrong-device",
+                    f"payload names {message.device_id!r} on {topic.device_id!r}'s topic",
+                )
+            )
+        elif isinstance(message, TelemetryRecord):
+            out.append(("telemetry", telemetry.RecordSummary.of(message)))
+        elif isinstance(message, StatusMessage):
+            out.append(("status", message))
+        else:
+            out.append(("facts", message))
+    return out
+
+
 @dataclass
-class _Parsed:
-    records: list[TelemetryRecord]
+class _Batch:
+    summaries: list[telemetry.RecordSummary]
+    payloads: list[bytes]
     statuses: list[StatusMessage]
     facts: list[DeviceFactsMessage]
 
@@ -84,9 +138,10 @@ class Ingester:
         *,
         batch_max: int = 500,
         batch_seconds: float = 0.2,
+        parse_processes: int = 0,
     ) -> None:
-        if batch_max < 1 or batch_seconds <= 0:
-            raise ValueError("batch_max must be >= 1 and batch_seconds > 0")
+        if batch_max < 1 or batch_seconds <= 0 or parse_processes < 0:
+            raise ValueError("batch_max must be >= 1, batch_seconds > 0, parse_processes >= 0")
         self._sessions = session_factory
         self._ack = ack
         self.batch_max = batch_max
@@ -96,11 +151,19 @@ class Ingester:
         self._thread: threading.Thread | None = None
         self._rng = random.Random()
         self.stats = IngestStats()
+        self.parse_processes = parse_processes
+        self._pool: concurrent.futures.ProcessPoolExecutor | None = None
 
     # ------------------------------------------------------------- lifecycle
 
     def start(self) -> None:
         if self._thread is None:
+            if self.parse_processes and self._pool is None:
+                import multiprocessing
+
+                self._pool = concurrent.futures.ProcessPoolExecutor(
+                    self.parse_processes, mp_context=multiprocessing.get_context("spawn")
+                )
             self._stop.clear()
             self._thread = threading.Thread(target=self._run, name="edgefleet-ingest", daemon=True)
             self._thread.start()
@@ -111,6 +174,9 @@ class Ingester:
             self._stop.set()
             self._thread.join(timeout_s)
             self._thread = None
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
 
     def submit(self, delivery: Delivery) -> None:
         """Queue a delivery (called on the network thread; never blocks)."""
@@ -155,44 +221,33 @@ class Ingester:
 
     # ------------------------------------------------------------ processing
 
-    def _parse(self, batch: Sequence[Delivery]) -> tuple[_Parsed, list[Delivery]]:
-        parsed = _Parsed([], [], [])
+    def _parse(self, batch: Sequence[Delivery]) -> tuple[_Batch, list[Delivery]]:
+        items = [(d.topic, d.payload) for d in batch]
+        if self._pool is None or len(items) < 2 * self.parse_processes:
+            results = parse_payloads(items)
+        else:
+            step = -(-len(items) // self.parse_processes)
+            futures = [
+                self._pool.submit(parse_payloads, items[i : i + step])
+                for i in range(0, len(items), step)
+            ]
+            results = [r for f in futures for r in f.result()]
+        parsed = _Batch([], [], [], [])
         keep: list[Delivery] = []
-        for delivery in batch:
-            try:
-                topic = parse(delivery.topic)
-                if not isinstance(topic, DeviceTopic):
-                    raise TopicError(f"not a device topic: {delivery.topic}")
-                metrics.MQTT_MESSAGES.labels(topic.channel.value).inc()
-                if not delivery.payload:
-                    keep.append(delivery)  # a cleared retained message: nothing to store
-                    continue
-                message: TelemetryRecord | StatusMessage | DeviceFactsMessage
-                if topic.channel is DeviceChannel.TELEMETRY:
-                    message = TelemetryRecord.from_bytes(delivery.payload)
-                elif topic.channel is DeviceChannel.STATUS:
-                    message = StatusMessage.from_bytes(delivery.payload)
-                elif topic.channel is DeviceChannel.FACTS:
-                    message = DeviceFactsMessage.from_bytes(delivery.payload)
-                else:
-                    raise VerificationError(f"unexpected channel {topic.channel.value}")
-            except (VerificationError, ValueError) as exc:
-                self._reject(delivery, "malformed", exc)
-                continue
-            if message.device_id != topic.device_id:
-                self._reject(
-                    delivery,
-                    "wrong-device",
-                    f"payload names {message.device_id!r} on {topic.device_id!r}'s topic",
-                )
+        for delivery, result in zip(batch, results, strict=True):
+            kind = result[0]
+            metrics.MQTT_MESSAGES.labels(delivery.topic.rsplit("/", 1)[-1]).inc()
+            if kind == "reject":
+                self._reject(delivery, result[1], result[2])
                 continue
             keep.append(delivery)
-            if isinstance(message, TelemetryRecord):
-                parsed.records.append(message)
-            elif isinstance(message, StatusMessage):
-                parsed.statuses.append(message)
-            else:
-                parsed.facts.append(message)
+            if kind == "telemetry":
+                parsed.summaries.append(result[1])
+                parsed.payloads.append(delivery.payload)
+            elif kind == "status":
+                parsed.statuses.append(result[1])
+            elif kind == "facts":
+                parsed.facts.append(result[1])
         return parsed, keep
 
     def _reject(self, delivery: Delivery, reason: str, why: object) -> None:
@@ -201,10 +256,12 @@ class Ingester:
         log.warning("ingest: dropped %s (%s): %s", delivery.topic, reason, why)
         self._ack(delivery)  # no retry can fix it: acknowledge so it is not re-sent forever
 
-    def _store(self, parsed: _Parsed) -> tuple[int, int]:
+    def _store(self, parsed: _Batch) -> tuple[int, int]:
         started = time.perf_counter()
         with self._sessions() as session:
-            stored, duplicates = telemetry.ingest_batch(session, parsed.records)
+            stored, duplicates = telemetry.ingest_summaries(
+                session, parsed.summaries, parsed.payloads
+            )
             for status in parsed.statuses:
                 fleet.record_status(session, status)
             for facts in parsed.facts:

@@ -127,6 +127,7 @@ class MqttService:
             self.connection.ack,
             batch_max=settings.ingest_batch_max,
             batch_seconds=settings.ingest_batch_seconds,
+            parse_processes=settings.ingest_parse_processes,
         )
         self.chunks = ChunkServer(
             session_factory,

@@ -6,79 +6,173 @@ to ``ingest_batch``; the API reads with ``query``; the worker calls
 ``apply_retention`` periodically.
 
 Invariants: a (device_id, seq) pair is stored at most once. ``ingest_batch``
-runs one ``INSERT ... ON CONFLICT DO NOTHING RETURNING`` in the caller's
-transaction, so duplicates inside a batch, across batches and between replicas
-racing on the same record are all counted as duplicates, never as errors, and
-``stored + duplicates == len(records)``. Retention deletes by ``window_end``.
+runs one cached ``INSERT ... ON CONFLICT (device_id, seq) DO NOTHING
+RETURNING id`` as an executemany in the caller's transaction (the returned
+ids are the new rows), so duplicates inside a batch, across batches and between
+replicas racing on the same record are all counted as duplicates, never as
+errors, and ``stored + duplicates == len(records)``. The stored ``record`` is
+the device's canonical JSON as received. Retention deletes by ``window_end``.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import Any, NamedTuple
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import JSON, Text, bindparam, cast, delete, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from edgefleet import canonical
 from edgefleet.messages import TelemetryRecord
 from server import metrics
 from server.db import is_postgres
 from server.models import TelemetryRow
 
-__all__ = ["apply_retention", "ingest_batch", "query"]
-
-# Rows per INSERT statement; keeps SQLite under its bound-parameter limit.
-_CHUNK = 200
+__all__ = ["RecordSummary", "apply_retention", "ingest_batch", "ingest_summaries", "query"]
 
 
-def _row(record: TelemetryRecord, received: datetime) -> dict[str, Any]:
-    return {
-        "device_id": record.device_id,
-        "seq": record.seq,
-        "window_start": datetime.fromtimestamp(record.window_start, timezone.utc),
-        "window_end": datetime.fromtimestamp(record.window_end, timezone.utc),
-        "model_name": record.model.name if record.model else None,
-        "model_version": record.model.version if record.model else None,
-        "predictions": record.predictions,
-        "errors": record.errors,
-        "received_at": received,
-        "record": record.to_dict(),
-    }
+def _received(now: datetime | None) -> datetime:
+    return now or datetime.now(timezone.utc)
+
+
+@functools.lru_cache(maxsize=2)
+def _insert_statement(dialect: str) -> Any:
+    """``INSERT ... ON CONFLICT (device_id, seq) DO NOTHING RETURNING id``, for executemany.
+
+    The ``record`` column is bound as text holding the canonical JSON the
+    device sent (already validated), so it is not decoded and re-encoded per
+    row; PostgreSQL casts it to JSON.
+    """
+    table: Any = TelemetryRow.__table__
+    record = bindparam("record", type_=Text())
+    values: dict[str, Any] = {c: bindparam(c) for c in _COLUMNS}
+    values["record"] = cast(record, JSON) if dialect == "postgresql" else record
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    return (
+        insert(table)
+        .values(values)
+        .on_conflict_do_nothing(index_elements=["device_id", "seq"])
+        .returning(table.c.id)
+    )
+
+
+_COLUMNS = (
+    "device_id",
+    "seq",
+    "window_start",
+    "window_end",
+    "model_name",
+    "model_version",
+    "predictions",
+    "errors",
+    "received_at",
+)
+
+
+class RecordSummary(NamedTuple):
+    """The indexed columns of one record (small and picklable: parse workers return it)."""
+
+    device_id: str
+    seq: int
+    window_start: float
+    window_end: float
+    model_name: str | None
+    model_version: int | None
+    predictions: int
+    errors: int
+
+    @classmethod
+    def of(cls, record: TelemetryRecord) -> RecordSummary:
+        model = record.model
+        return cls(
+            record.device_id,
+            record.seq,
+            record.window_start,
+            record.window_end,
+            model.name if model else None,
+            model.version if model else None,
+            record.predictions,
+            record.errors,
+        )
 
 
 def ingest_batch(
-    session: Session, records: Sequence[TelemetryRecord], *, now: datetime | None = None
+    session: Session,
+    records: Sequence[TelemetryRecord],
+    *,
+    payloads: Sequence[bytes] | None = None,
+    now: datetime | None = None,
 ) -> tuple[int, int]:
     """Store records not seen before; the caller commits.
 
     Args:
         session: the transaction to insert in.
         records: parsed records (any devices, any order, duplicates allowed).
+        payloads: the canonical JSON each record was parsed from (the MQTT
+            payloads), stored as received; default: each record re-encoded.
         now: the receive time to stamp (default: now).
 
     Returns:
         (stored, duplicates), summing to ``len(records)``.
+
+    Raises:
+        ValueError: ``payloads`` does not match ``records`` one to one.
     """
-    if not records:
+    if payloads is None:
+        payloads = [canonical.encode(r.to_dict()) for r in records]
+    return ingest_summaries(session, [RecordSummary.of(r) for r in records], payloads, now=now)
+
+
+def ingest_summaries(
+    session: Session,
+    summaries: Sequence[RecordSummary],
+    payloads: Sequence[bytes],
+    *,
+    now: datetime | None = None,
+) -> tuple[int, int]:
+    """``ingest_batch`` for records already parsed elsewhere (the ingester's workers).
+
+    Each payload must be the canonical JSON that ``TelemetryRecord.from_bytes``
+    accepted and ``summaries[i]`` was taken from.
+
+    Raises:
+        ValueError: ``payloads`` does not match ``summaries`` one to one.
+    """
+    if len(payloads) != len(summaries):
+        raise ValueError("payloads must match records one to one")
+    if not summaries:
         return 0, 0
-    received = now or datetime.now(timezone.utc)
-    unique: dict[tuple[str, int], TelemetryRecord] = {}
-    for record in records:
-        unique.setdefault((record.device_id, record.seq), record)
-    rows = [_row(r, received) for r in unique.values()]
-    dialect_insert = postgresql.insert if is_postgres(session) else sqlite.insert
-    stored = 0
-    for start in range(0, len(rows), _CHUNK):
-        stmt = (
-            dialect_insert(TelemetryRow)
-            .values(rows[start : start + _CHUNK])
-            .on_conflict_do_nothing(index_elements=["device_id", "seq"])
-            .returning(TelemetryRow.id)
+    received = _received(now)
+    seen: set[tuple[str, int]] = set()
+    rows: list[dict[str, Any]] = []
+    utc = timezone.utc
+    for summary, raw in zip(summaries, payloads, strict=True):
+        key = (summary.device_id, summary.seq)
+        if key in seen:
+            continue
+        seen.add(key)
+        rows.append(
+            {
+                "device_id": summary.device_id,
+                "seq": summary.seq,
+                "window_start": datetime.fromtimestamp(summary.window_start, utc),
+                "window_end": datetime.fromtimestamp(summary.window_end, utc),
+                "model_name": summary.model_name,
+                "model_version": summary.model_version,
+                "predictions": summary.predictions,
+                "errors": summary.errors,
+                "received_at": received,
+                "record": raw.decode("utf-8"),
+            }
         )
-        stored += len(session.execute(stmt).all())
-    duplicates = len(records) - stored
+    dialect = "postgresql" if is_postgres(session) else "sqlite"
+    # executemany + RETURNING: SQLAlchemy sends it as batched multi-row INSERTs
+    # ("insertmanyvalues"), compiled once; the returned ids are the new rows.
+    stored = len(session.execute(_insert_statement(dialect), rows).all())
+    duplicates = len(summaries) - stored
     metrics.TELEMETRY_RECORDS.labels("stored").inc(stored)
     metrics.TELEMETRY_RECORDS.labels("duplicate").inc(duplicates)
     return stored, duplicates
