@@ -262,8 +262,9 @@ class Fleet:
         job_id = submitted["job"]["id"]
         job = wait_for(
             f"build job {job_id}",
-            lambda: (j := self.api("GET", f"/jobs/{job_id}"))["status"] in ("succeeded", "failed")
-            and j,
+            lambda: (
+                (j := self.api("GET", f"/jobs/{job_id}"))["status"] in ("succeeded", "failed") and j
+            ),
             120,
         )
         if job["status"] != "succeeded":
@@ -310,9 +311,9 @@ class Fleet:
             f"""[device]
 id = "{device_id}"
 class = "{DEVICE_CLASS}"
-state_dir = "{home / 'state'}"
+state_dir = "{home / "state"}"
 groups = ["{GROUP}"]
-trust_root = "{self.data_dir / 'keys' / 'trust-root.json'}"
+trust_root = "{self.data_dir / "keys" / "trust-root.json"}"
 
 [broker]
 url = "mqtt://127.0.0.1:{self.broker_port}"
@@ -333,9 +334,15 @@ port = {port}
         )
         proc = subprocess.Popen(
             [
-                sys.executable, "-m", "edgefleet.cli", "agent", "run",
-                "--config", str(home / "agent.toml"), "--json",
-            ],  # fmt: skip
+                sys.executable,
+                "-m",
+                "edgefleet.cli",
+                "agent",
+                "run",
+                "--config",
+                str(home / "agent.toml"),
+                "--json",
+            ],
             stdout=subprocess.PIPE,
             stderr=open(home / "agent.log", "wb"),  # noqa: SIM115
             text=True,
@@ -438,7 +445,9 @@ def run_demo(workdir: Path, bundle_model: Path | None, *, devices: int = 3) -> d
     name = "fraud" if bundle_model else "tiny"
     started = time.monotonic()
     with Fleet(workdir, log=say, telemetry_window_s=2.0) as fleet:
-        say("[bold cyan]== 1. server (demo mode, SQLite) writes the broker's password and ACL files")
+        say(
+            "[bold cyan]== 1. server (demo mode, SQLite) writes the broker's password and ACL files"
+        )
         fleet.start_server()
         say(f"   {fleet.url}  admin token in {fleet.data_dir / 'admin-token'}")
         say("[bold cyan]== 2. Mosquitto on those files (no anonymous access)")
@@ -472,16 +481,16 @@ def run_demo(workdir: Path, bundle_model: Path | None, *, devices: int = 3) -> d
         predictions = 0
         for i, agent in enumerate(fleet.agents.values()):
             for round_ in range(5):
-                code, out = agent.http("/v1/predict", {"inputs": example_inputs(model, 4, i * 10 + round_)})
+                code, out = agent.http(
+                    "/v1/predict", {"inputs": example_inputs(model, 4, i * 10 + round_)}
+                )
                 if code != 200:
                     raise RuntimeError(f"{agent.device_id} predict: {code} {out}")
                 predictions += 4
         say(f"   {predictions} rows predicted on {len(fleet.agents)} devices")
         wait_for(
             "telemetry with the predictions in the server's database",
-            lambda: all(
-                sum(r["predictions"] for r in fleet.telemetry(d)) >= 5 for d in ids
-            ),
+            lambda: all(sum(r["predictions"] for r in fleet.telemetry(d)) >= 5 for d in ids),
             30,
         )
         devices_now = fleet.api("GET", "/devices")["devices"]

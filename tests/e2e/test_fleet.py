@@ -97,17 +97,16 @@ def test_update_and_telemetry_survive_a_server_sigkill_mid_download(tmp_path: Pa
             spooled = _spooled_seqs(fleet, device)
             # whatever the broker acknowledged reaches the database (the server is up)
             want = produced - spooled
-            stored = wait_for(
-                f"{device}'s telemetry in the database",
-                lambda d=device, w=want: (s := _stored_seqs(fleet, d)) and w <= set(s) and s,
-                30,
-            )
+
+            def arrived(d: str = device, w: set[int] = want) -> list[int] | None:
+                seqs = _stored_seqs(fleet, d)
+                return seqs if w <= set(seqs) else None
+
+            stored = wait_for(f"{device}'s telemetry in the database", arrived, 30)
             assert len(stored) == len(set(stored)), "duplicates stored"
             assert set(stored) <= produced, "records nobody produced"
             assert produced == set(stored) | spooled, "a record was lost"
             assert len(stored) >= 6  # ~0.5 s windows across the kill
         records = fleet.telemetry("pi-1")
         assert any(r["predictions"] for r in records)
-        assert any(
-            e["kind"] == "committed" for r in records for e in r["record"]["events"]
-        )
+        assert any(e["kind"] == "committed" for r in records for e in r["record"]["events"])

@@ -145,11 +145,19 @@ def test_ingest_database_down_keeps_messages_unacknowledged(
     dev.close()
 
 
+def _recorder(acked: list[int]) -> Callable[[object], bool]:
+    def ack(delivery: object) -> bool:
+        acked.append(delivery.mid)  # type: ignore[attr-defined]
+        return True
+
+    return ack
+
+
 def test_ingester_unit_acks_only_after_commit(harness: Harness) -> None:
     from server.mqtt.connection import Delivery
 
     acked: list[int] = []
-    ing = Ingester(harness.api.sessions, lambda d: acked.append(d.mid) or True, batch_max=10)
+    ing = Ingester(harness.api.sessions, _recorder(acked), batch_max=10)
     deliveries = [
         Delivery(str(DeviceTopic.telemetry("u1")), record("u1", i).to_bytes(), False, 1, i, 1)
         for i in range(1, 26)
@@ -212,7 +220,7 @@ def test_exclusive_replicas_each_get_everything_and_store_once(
 ) -> None:
     h = harness_factory(db_url)
     a = h.service()
-    b = h.service(mqtt_client_id=h.settings.mqtt_client_id + "-b")
+    b = h.service(mqtt_client_id=str(h.settings.mqtt_client_id) + "-b")
     _publish_records(h.broker.port, "d1", range(1, 51))
     assert wait_until(lambda: h.telemetry_count() == 50, 10)
     assert wait_until(
@@ -228,7 +236,9 @@ def test_exclusive_replicas_each_get_everything_and_store_once(
 def test_shared_replicas_split_the_load(harness_factory: Callable[..., Harness]) -> None:
     h = harness_factory(telemetry_subscription="shared")
     a = h.service(telemetry_subscription="shared")
-    b = h.service(telemetry_subscription="shared", mqtt_client_id=h.settings.mqtt_client_id + "b")
+    b = h.service(
+        telemetry_subscription="shared", mqtt_client_id=str(h.settings.mqtt_client_id) + "b"
+    )
     _publish_records(h.broker.port, "d1", range(1, 41))
     assert wait_until(lambda: h.telemetry_count() == 40, 10)
 
@@ -491,7 +501,7 @@ def test_ingester_with_parse_processes_stores_and_rejects_the_same(harness: Harn
     from server.mqtt.connection import Delivery
 
     acked: list[int] = []
-    ing = Ingester(harness.api.sessions, lambda d: acked.append(d.mid) or True, parse_processes=2)
+    ing = Ingester(harness.api.sessions, _recorder(acked), parse_processes=2)
     ing.start()
     try:
         topic = str(DeviceTopic.telemetry("p1"))
