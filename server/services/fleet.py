@@ -3,7 +3,7 @@
 Flow: ``enroll`` creates a device with a fresh broker password (returned once,
 stored only as a ``$7$`` hash), rewrites the broker's password and ACL files
 and commits; the caller then calls ``broker.reload_broker``. ``update_device``
-and ``remove_device`` do the same for changes. The MQTT ingester (later) calls
+and ``remove_device`` do the same for changes. The MQTT ingester calls
 ``record_status`` for every status message (including the broker's
 ``offline`` last will) and ``record_facts`` for every facts message.
 

@@ -1,9 +1,11 @@
 """Telemetry storage: idempotent batch ingestion, queries and retention.
 
-Flow: the MQTT ingester parses payloads with ``TelemetryRecord.from_bytes``,
-checks that each record's ``device_id`` matches its topic, and hands batches
-to ``ingest_batch``; the API reads with ``query``; the worker calls
-``apply_retention`` periodically.
+Flow: the MQTT ingester (``server.mqtt.ingest``) parses payloads with
+``TelemetryRecord.from_bytes``, checks that each record's ``device_id``
+matches its topic, and hands batches of ``RecordSummary`` + the payload bytes
+to ``ingest_summaries`` (``ingest_batch`` does the same for parsed records);
+the API reads with ``query``; the job worker (and ``server mqtt``) call
+``apply_retention`` hourly.
 
 Invariants: a (device_id, seq) pair is stored at most once. ``ingest_batch``
 runs one cached ``INSERT ... ON CONFLICT (device_id, seq) DO NOTHING

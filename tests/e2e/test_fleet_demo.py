@@ -1,0 +1,25 @@
+"""``examples/fleet_demo.py`` (called by ``make demo``) runs to the end and cleans up."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+from examples.fleet_demo import run_demo
+
+
+def _our_processes(workdir: Path) -> list[str]:
+    out = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True).stdout
+    return [line for line in out.splitlines() if str(workdir) in line]
+
+
+def test_fleet_demo_installs_reports_and_leaves_nothing_running(tmp_path: Path) -> None:
+    workdir = tmp_path / "fleet"
+    summary = run_demo(workdir, None)
+    assert summary["audit_ok"] is True
+    assert set(summary["devices"]) == {"pi-1", "pi-2", "pi-3"}
+    for device in summary["devices"].values():
+        assert (device["model"], device["model_version"]) == ("tiny", 1)
+        assert device["telemetry_records"] >= 1 and device["predictions"] >= 5
+    assert summary["seconds"] < 90
+    assert _our_processes(workdir) == []
