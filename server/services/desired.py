@@ -435,7 +435,12 @@ def reissue_due(
         if row.action != "clear" and row.expires is not None and row.expires <= horizon
     ]
     made: list[DesiredStateRow] = []
+    if due:
+        transaction_lock(session, LOCK_DESIRED)  # replicas check at the same time
     for old in due:
+        latest = current(session, Target.of(old))
+        if latest is None or latest.id != old.id:
+            continue  # another replica (or an operator) issued a newer one meanwhile
         assert old.model_name is not None and old.model_version is not None
         try:
             primary = _published(session, old.model_name, old.model_version, "model")

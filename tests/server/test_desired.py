@@ -246,3 +246,30 @@ def test_cli_deploy_ls_and_device_desired(
         assert code == 1 and "version 7" in out["message"]
         code, out = run(capsys, live, "deploy", "m", "1", "--device", "d1", role="viewer")
         assert code == 1 and out["status"] == 403
+
+
+def test_replicas_reissuing_at_once_make_one_new_version(api: Api) -> None:
+    _publish(api, "m", 1)
+    with api.sessions() as s:
+        desired.assign(s, api.settings, desired.Target("group", "g"), model="m", version=1,
+                       expires_days=1, actor="test")  # fmt: skip
+    made: list[int] = []
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(3)
+
+    def replica() -> None:
+        try:
+            barrier.wait()
+            with api.sessions() as s:
+                made.extend(r.version for r in desired.reissue_due(s, api.settings))
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=replica) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and made == [2]
+    listing = api.get("/api/v1/deployments", params={"group": "g"}).json()
+    assert [d["action"] for d in listing["deployments"]] == ["reissue", "assign"]
