@@ -109,4 +109,7 @@ else
     echo "(refused with exit code $?)"
 fi
 
+step "15. A whole fleet on this machine: Mosquitto, the server (SQLite), 3 agents over MQTT"
+$PY examples/fleet_demo.py --workdir "$D/fleet" --bundle-model "$D/fraud/compressed"
+
 step "Done. Files are in $D/"
