@@ -194,6 +194,8 @@ class BrokerConnection:
         self.generation = 0  # incremented on every CONNACK
         self.last_error: MqttError | None = None
         self.refused_subscriptions: list[str] = []
+        self._sub_requests: dict[int, list[str]] = {}  # SUBSCRIBE mid -> filters
+        self.active_subscriptions: set[str] = set()  # filters the broker acknowledged
         self.session_present = False
         self._client = self._make_client()
 
@@ -346,8 +348,12 @@ class BrokerConnection:
         self.last_error = None
         with self._lock:
             subs = list(self._subscriptions.items())
+            self.active_subscriptions = set()
         if subs:
-            client.subscribe([(topic, qos) for topic, qos in subs])
+            _, mid = client.subscribe([(topic, qos) for topic, qos in subs])
+            if mid is not None:
+                with self._lock:
+                    self._sub_requests[mid] = [topic for topic, _ in subs]
         self._connected.set()
         log.info(
             "mqtt: connected to %s:%d as %s (session present: %s)",
@@ -411,6 +417,11 @@ class BrokerConnection:
         reason_codes: list[ReasonCode],
         properties: Properties | None,
     ) -> None:
+        with self._lock:
+            filters = self._sub_requests.pop(mid, [])
+            self.active_subscriptions.update(
+                f for f, rc in zip(filters, reason_codes, strict=False) if not rc.is_failure
+            )
         failed = [str(rc) for rc in reason_codes if rc.is_failure]
         if failed:
             self.refused_subscriptions.extend(failed)
@@ -437,7 +448,10 @@ class BrokerConnection:
             self._subscriptions[topic_filter] = qos
         if self._connected.is_set():
             try:
-                self._client.subscribe(topic_filter, qos)
+                _, mid = self._client.subscribe(topic_filter, qos)
+                if mid is not None:
+                    with self._lock:
+                        self._sub_requests[mid] = [topic_filter]
             except ValueError as exc:
                 raise PublishError(f"invalid subscription {topic_filter!r}: {exc}") from exc
 

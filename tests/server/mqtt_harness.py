@@ -130,7 +130,8 @@ class Harness:
         svc = MqttService(self.api.sessions, settings, backoff_initial_s=0.05, backoff_max_s=0.3)
         svc.start()
         assert svc.connection.wait_connected(5), svc.connection.last_error
-        assert wait_until(lambda: len(svc.connection._subscriptions) == 4)
+        # Acknowledged by the broker (SUBACK), not merely requested.
+        assert wait_until(lambda: len(svc.connection.active_subscriptions) == 4)
         self.services.append(svc)
         return svc
 
