@@ -14,7 +14,10 @@ Flow:
    (bin = ``searchsorted(edges, v, side="right")``, non-finite values counted
    apart), latencies kept for quantiles, outputs summarised (moments and argmax
    class counts), feedback labels joined with the predicted class, and sampled
-   raw inputs encoded (sampling is off by default and capped per window).
+   raw inputs encoded (sampling is off by default and capped per window). A
+   batch whose observations all carry arrays of one dtype and trailing shape
+   is stacked with one concatenation per input and output; any other batch is
+   taken observation by observation. Both give byte-identical records.
 3. Window close (every ``window_s``): one ``TelemetryRecord`` with the next
    per-device ``seq`` is written to the ``Spool`` *first* (one file per record,
    atomic write + fsync), never straight to the network.
@@ -43,13 +46,14 @@ import functools
 import itertools
 import logging
 import math
+import operator
 import os
 import random
 import re
 import shutil
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -90,6 +94,8 @@ _RECORD_RE = re.compile(r"^(\d{20})\.rec$")
 _META = "meta.json"
 _KIND_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 _BROADCAST_LIMIT = 1 << 22  # booleans per vectorized comparison chunk (4 MiB)
+_TILE_BYTES = 1 << 20  # bytes of edges laid out for one block of rows (_bin_sorted), at most
+_RECENT_MAX = 4096  # predictions whose class is remembered for feedback
 
 
 @dataclass(frozen=True)
@@ -363,6 +369,23 @@ class HealthProbe:
 
 
 @dataclass
+class _Layout:
+    """How one input's features are binned (see ``_bin_sorted``)."""
+
+    ascending: bool  # every row of edges ascends (no NaN): _bin_sorted applies
+    leading: bool  # the columns are 0..F-1: a row's first F values, no gather
+    edges32: np.ndarray | None  # _round_up_to_float32(edges) when ascending
+    # (rows, dtype) -> edges laid out for a block of that many rows of that dtype
+    tiles: dict[tuple[int, str], np.ndarray] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, columns: np.ndarray, edges: np.ndarray, bins: int) -> _Layout:
+        ascending = _ascending(edges, bins)
+        leading = bool((columns == np.arange(len(columns))).all())
+        return cls(ascending, leading, _round_up_to_float32(edges) if ascending else None)
+
+
+@dataclass
 class _Profile:
     """Drift-reference edges compiled for vectorized binning."""
 
@@ -371,6 +394,8 @@ class _Profile:
     features: dict[str, tuple[np.ndarray, list[str], np.ndarray]]
     # input -> list of (channel, edges)
     channels: dict[str, list[tuple[int, np.ndarray]]]
+    # input -> its features' layout
+    layouts: dict[str, _Layout] = field(default_factory=dict)
 
     @classmethod
     def compile(cls, ref: Mapping[str, Any] | None) -> _Profile | None:
@@ -395,24 +420,54 @@ class _Profile:
             )
             for name, items in feats.items()
         }
-        return cls(bins, features, chans)
+        layouts = {
+            name: _Layout.of(columns, edges, bins) for name, (columns, _, edges) in features.items()
+        }
+        return cls(bins, features, chans, layouts)
 
 
 def bin_matrix(values: np.ndarray, edges: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray]:
     """Histogram every column of ``values`` (N, F) over its own edges (F, bins-1).
 
     Equivalent to ``np.searchsorted(edges[f], values[:, f], side="right")`` per
-    column (the count of edges <= v), done as one broadcast comparison in row
-    chunks. Non-finite values are not binned.
+    column (the count of edges <= v), done with vectorized comparisons in row
+    chunks (see ``_bin_sorted`` for ascending edges). Non-finite values are not
+    binned.
 
     Returns:
         ``(counts (F, bins) int64, nonfinite (F,) int64)``.
     """
+    return _bin_matrix(values, edges, bins, None)
+
+
+def _ascending(edges: np.ndarray, bins: int) -> bool:
+    """Whether ``edges`` is (F, bins-1), bins >= 2, with every row ascending (so no NaN)."""
+    return (
+        edges.ndim == 2
+        and edges.shape[1] == bins - 1
+        and bins >= 2
+        and bool((edges[:, 1:] >= edges[:, :-1]).all())
+    )
+
+
+def _bin_matrix(
+    values: np.ndarray, edges: np.ndarray, bins: int, layout: _Layout | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """``bin_matrix``; ``layout`` (of these edges) keeps the laid-out edges between calls."""
     n, f = values.shape
     counts = np.zeros((f, bins), dtype=np.int64)
     finite = np.isfinite(values)
-    nonfinite = (~finite).sum(axis=0).astype(np.int64)
+    all_finite = bool(finite.all())
+    if all_finite:
+        nonfinite = np.zeros(f, dtype=np.int64)
+    else:
+        nonfinite = (~finite).sum(axis=0).astype(np.int64)
     if n == 0 or f == 0:
+        return counts, nonfinite
+    if layout is None and edges.shape[0] == f and _ascending(edges, bins):
+        layout = _Layout.of(np.arange(f), edges, bins)
+    if layout is not None and layout.ascending and edges.shape[0] == f:
+        _bin_sorted(values, None if all_finite else finite, edges, counts, layout)
         return counts, nonfinite
     step = max(1, _BROADCAST_LIMIT // max(1, f * max(1, bins - 1)))
     offsets = np.arange(f, dtype=np.int64) * (bins + 1)
@@ -423,6 +478,70 @@ def bin_matrix(values: np.ndarray, edges: np.ndarray, bins: int) -> tuple[np.nda
         flat = np.bincount((idx + offsets).ravel(), minlength=f * (bins + 1))
         counts += flat.reshape(f, bins + 1)[:, :bins]
     return counts, nonfinite
+
+
+def _round_up_to_float32(edges: np.ndarray) -> np.ndarray:
+    """The smallest float32 >= each edge: for a float32 v, ``v >= e`` iff ``v >= that``."""
+    with np.errstate(over="ignore"):  # beyond float32's range: -max or inf, as intended
+        up = edges.astype(np.float32)
+        low = up.astype(np.float64) < edges
+        up[low] = np.nextafter(up[low], np.float32(np.inf))
+    return up
+
+
+def _bin_sorted(
+    values: np.ndarray,
+    finite: np.ndarray | None,
+    edges: np.ndarray,
+    counts: np.ndarray,
+    layout: _Layout,
+) -> None:
+    """``bin_matrix`` for rows of ascending edges: add the histograms to ``counts``.
+
+    With ascending edges, "at least k+1 edges <= v" is the same as
+    "v >= edges[k]", so each histogram is the difference of how many values
+    reach each edge: one comparison of every value with its column's edge,
+    both laid out contiguously (several times faster than a broadcast), and
+    one sum; no per-value bin index. ``finite`` is ``None`` when every value
+    is finite; otherwise non-finite values are compared as NaN (which reaches
+    no edge, so lands in bin 0) and taken out of bin 0 again. Float32 values
+    are compared in float32 with the edges rounded up (the same outcomes, half
+    the memory traffic); others as numpy promotes them with float64 edges.
+    ``layout.tiles`` keeps the laid-out edges for the last block sizes (a
+    steady rate repeats them).
+    """
+    f, cuts = edges.shape
+    if values.dtype == np.float32 and layout.edges32 is not None:
+        edges = layout.edges32
+    # Rows per block: the laid-out edges stay within _TILE_BYTES, and the uint16
+    # sums below cannot overflow.
+    step = max(1, min(0xFFFF, _TILE_BYTES // (edges.itemsize * f * cuts)))
+    for lo in range(0, len(values), step):
+        rows = values[lo : lo + step]
+        m = len(rows)
+        missing = None
+        if finite is None:
+            block = np.ascontiguousarray(rows.T)  # (F, m)
+        else:
+            ok = finite[lo : lo + step].T
+            missing = m - np.count_nonzero(ok, axis=1)
+            block = np.ascontiguousarray(np.where(ok, rows.T, np.nan))
+        key = (m, edges.dtype.char)
+        tiled = layout.tiles.get(key)
+        if tiled is None:
+            tiled = np.repeat(edges.T, m, axis=1)  # (cuts, F*m): [k, j*m + i] = edges[j, k]
+            if len(layout.tiles) >= 2:
+                layout.tiles.clear()
+            layout.tiles[key] = tiled
+        reached = block.reshape(1, f * m) >= tiled
+        # reaching[k + 1, j]: values of column j >= edge k; row 0 all of them, the last none.
+        reaching = np.zeros((cuts + 2, f), dtype=np.int64)
+        reaching[0] = m
+        reaching[1:-1] = reached.view(np.uint8).reshape(cuts, f, m).sum(axis=2, dtype=np.uint16)
+        hist = (reaching[:-1] - reaching[1:]).T  # (F, bins)
+        if missing is not None:
+            hist[:, 0] -= missing
+        counts += hist
 
 
 @dataclass
@@ -451,6 +570,71 @@ class _Window:
     feedback: list[Feedback] = field(default_factory=list)
     events: list[UpdateEvent] = field(default_factory=list)
     dropped: int = 0
+
+
+def _stack(arrays: Sequence[Any]) -> np.ndarray | None:
+    """``np.concatenate(arrays)`` when every item is an ndarray of one numeric dtype.
+
+    The fast paths' precondition: anything else (``None``, lists, scalars,
+    ndarray subclasses, mixed dtypes, 0-d arrays, differing trailing shapes)
+    gives ``None`` and the per-observation path, which handles each case.
+    """
+    first = arrays[0]
+    if type(first) is not np.ndarray or first.dtype.kind not in "biuf":
+        return None
+    if len(set(map(type, arrays))) != 1:
+        return None
+    try:  # checks the shapes; casting="no" refuses any other dtype (byte order too)
+        return np.concatenate(arrays, dtype=first.dtype, casting="no")
+    except (TypeError, ValueError):
+        return None
+
+
+class _InputStacks:
+    """Per batch: each input name's arrays stacked by ``_stack`` (once per name)."""
+
+    def __init__(self, inputs: Sequence[Any]) -> None:
+        self._inputs = inputs
+        # itemgetter on a plain dict is .get except for missing keys (-> the slow path).
+        self._dicts = set(map(type, inputs)) == {dict}
+        self._stacked: dict[str, np.ndarray | None] = {}
+
+    def get(self, name: str) -> np.ndarray | None:
+        if name not in self._stacked:
+            stacked = None
+            if self._dicts:
+                try:
+                    values = list(map(operator.itemgetter(name), self._inputs))
+                except KeyError:
+                    values = None
+                if values is not None:
+                    stacked = _stack(values)
+            self._stacked[name] = stacked
+        return self._stacked[name]
+
+
+def _increasing_ints(pids: Sequence[Any]) -> np.ndarray | None:
+    """``pids`` as a strictly increasing integer array, or ``None``."""
+    try:
+        keys = np.array(pids)
+    except (OverflowError, TypeError, ValueError):
+        return None
+    if keys.ndim != 1 or keys.dtype.kind != "i":
+        return None
+    if len(keys) > 1 and not bool((keys[1:] > keys[:-1]).all()):
+        return None
+    return keys
+
+
+def _add_output_values(acc: _OutputAcc, flat: np.ndarray) -> None:
+    finite = np.isfinite(flat)
+    good = flat if finite.all() else flat[finite]
+    acc.count += int(good.size)
+    if good.size:
+        acc.total += float(good.sum())
+        acc.total_sq += float(np.square(good).sum())
+        acc.lo = min(acc.lo, float(good.min()))
+        acc.hi = max(acc.hi, float(good.max()))
 
 
 def _encode_array(array: Any) -> ArraySample | None:
@@ -517,7 +701,11 @@ class TelemetryRecorder:
             maxlen=max(1, 2 * self.options.samples_per_window)
         )
         self._sample_rate = self.options.sample_rate if self.options.samples_per_window else 0.0
-        self._recent: collections.OrderedDict[int, int] = collections.OrderedDict()
+        # Predicted classes for joining feedback labels: see _remember.
+        self._recent: collections.deque[tuple[Any, Any]] = collections.deque()
+        self._recent_len = 0
+        self._recent_top: float = -math.inf  # above every pid kept (inf: unknown)
+        self._recent_map: dict[Any, int] | None = None  # built when feedback arrives
         self._lock = threading.RLock()
         self._model = model
         self._profile = _Profile.compile(drift_reference)
@@ -589,7 +777,7 @@ class TelemetryRecorder:
                 self.close_window()
             self._model = model
             self._profile = _Profile.compile(drift_reference)
-            self._recent.clear()
+            self._forget_predictions()
 
     # ------------------------------------------------------------ aggregation
 
@@ -623,7 +811,8 @@ class TelemetryRecorder:
 
     def _aggregate_batch(self, w: _Window, batch: list[tuple[Any, Any, float, int]]) -> None:
         w.predictions += len(batch)
-        lat = np.fromiter((o[2] for o in batch), dtype=np.float64, count=len(batch)) * 1000.0
+        inputs, outputs, latencies, pids = zip(*batch, strict=True)
+        lat = np.fromiter(latencies, dtype=np.float64, count=len(batch)) * 1000.0
         room = self.options.latency_reservoir - w.latency_count
         if room < len(lat):  # keep a uniform subsample beyond the reservoir size
             keep = self._rng.sample(range(len(lat)), max(0, room)) if room > 0 else []
@@ -632,33 +821,37 @@ class TelemetryRecorder:
             w.latencies.append(lat)
             w.latency_count += len(lat)
         if self._profile is not None:
-            self._bin_features(w, batch, self._profile)
-            self._bin_channels(w, batch, self._profile)
-        self._summarise_outputs(w, batch)
+            stacks = _InputStacks(inputs)
+            self._bin_features(w, inputs, stacks, self._profile)
+            self._bin_channels(w, inputs, stacks, self._profile)
+        self._summarise_outputs(w, outputs, pids)
 
-    def _bin_features(self, w: _Window, batch: list[Any], p: _Profile) -> None:
+    # Each step below has a fast path for the common batch (every observation
+    # gives the same kind of array, so the batch is one concatenation) and the
+    # per-observation path for anything else. Both feed the same accumulation,
+    # in the same order, so they produce identical records.
+
+    def _bin_features(
+        self, w: _Window, inputs: Sequence[Any], stacks: _InputStacks, p: _Profile
+    ) -> None:
         for name, (columns, _, edges) in p.features.items():
             need = int(columns.max()) + 1 if len(columns) else 0
-            parts = []
-            for obs in batch:
-                value = obs[0].get(name) if isinstance(obs[0], Mapping) else None
-                if value is None:
-                    continue
-                try:
-                    a = np.asarray(value, dtype=np.float64)
-                except (TypeError, ValueError):
-                    w.error_kinds["bad-input"] += 1
-                    continue
-                if a.size == 0:
-                    continue
-                a = a.reshape(1, -1) if a.ndim == 0 else a.reshape(a.shape[0], -1)
-                if a.shape[1] < need:
-                    w.error_kinds["shape-mismatch"] += 1
-                    continue
-                parts.append(a[:, columns])
-            if not parts:
+            layout = p.layouts[name]
+            matrix = None
+            stacked = stacks.get(name)
+            if stacked is not None:
+                width = math.prod(stacked.shape[1:])
+                if width >= max(need, 1):  # else some observations are counted as mismatches
+                    rows = stacked.reshape(len(stacked), width)
+                    rows = rows[:, : len(columns)] if layout.leading else rows[:, columns]
+                    # float32 is binned as is (bin_matrix gives what it would in float64)
+                    same = rows.dtype == np.float32
+                    matrix = rows if same else rows.astype(np.float64, copy=False)
+            if matrix is None:
+                matrix = self._feature_rows(w, inputs, name, columns, need)
+            if matrix is None or not len(matrix):
                 continue
-            counts, nonfinite = bin_matrix(np.concatenate(parts), edges, p.bins)
+            counts, nonfinite = _bin_matrix(matrix, edges, p.bins, layout)
             acc = w.features.get(name)
             if acc is None:
                 w.features[name] = (counts, nonfinite)
@@ -666,11 +859,47 @@ class TelemetryRecorder:
                 acc[0][...] += counts
                 acc[1][...] += nonfinite
 
-    def _bin_channels(self, w: _Window, batch: list[Any], p: _Profile) -> None:
+    @staticmethod
+    def _feature_rows(
+        w: _Window, inputs: Sequence[Any], name: str, columns: np.ndarray, need: int
+    ) -> np.ndarray | None:
+        parts = []
+        for obs_inputs in inputs:
+            value = obs_inputs.get(name) if isinstance(obs_inputs, Mapping) else None
+            if value is None:
+                continue
+            try:
+                a = np.asarray(value, dtype=np.float64)
+            except (TypeError, ValueError):
+                w.error_kinds["bad-input"] += 1
+                continue
+            if a.size == 0:
+                continue
+            a = a.reshape(1, -1) if a.ndim == 0 else a.reshape(a.shape[0], -1)
+            if a.shape[1] < need:
+                w.error_kinds["shape-mismatch"] += 1
+                continue
+            parts.append(a[:, columns])
+        return np.concatenate(parts) if parts else None
+
+    def _bin_channels(
+        self, w: _Window, inputs: Sequence[Any], stacks: _InputStacks, p: _Profile
+    ) -> None:
         for name, chans in p.channels.items():
+            stacked = stacks.get(name)
+            if stacked is not None:
+                if stacked.ndim < 3 or not stacked.size:
+                    continue
+                images = stacked.astype(np.float64, copy=False)
+                images = images.reshape(images.shape[0], images.shape[1], -1)
+                for channel, edges in chans:
+                    if images.shape[1] > channel:
+                        values = images[:, channel].ravel()
+                        self._add_channel(w, name, channel, edges, p.bins, values)
+                continue
             arrays = []
-            for obs in batch:
-                value = obs[0].get(name) if isinstance(obs[0], Mapping) else None
+            for obs_inputs in inputs:
+                value = obs_inputs.get(name) if isinstance(obs_inputs, Mapping) else None
                 if value is None:
                     continue
                 try:
@@ -683,30 +912,45 @@ class TelemetryRecorder:
                 continue
             for channel, edges in chans:
                 parts = [a[:, channel].ravel() for a in arrays if a.shape[1] > channel]
-                if not parts:
-                    continue
-                values = np.concatenate(parts)
-                fin = np.isfinite(values)
-                good = values[fin]
-                idx = np.searchsorted(edges, good, side="right")
-                counts = np.bincount(idx, minlength=p.bins).astype(np.int64)
-                # [counts, nonfinite, n, sum, sum of squares]
-                acc = w.channels.setdefault(
-                    (name, channel), [np.zeros(p.bins, np.int64), 0, 0, 0.0, 0.0]
-                )
-                acc[0] += counts
-                acc[1] += int((~fin).sum())
-                acc[2] += int(good.size)
-                acc[3] += float(good.sum())
-                acc[4] += float(np.square(good).sum())
+                if parts:
+                    values = np.concatenate(parts)
+                    self._add_channel(w, name, channel, edges, p.bins, values)
 
-    def _summarise_outputs(self, w: _Window, batch: list[Any]) -> None:
-        n_out = max((len(o[1]) for o in batch if isinstance(o[1], Sequence)), default=0)
+    @staticmethod
+    def _add_channel(
+        w: _Window, name: str, channel: int, edges: np.ndarray, bins: int, values: np.ndarray
+    ) -> None:
+        fin = np.isfinite(values)
+        good = values[fin]
+        idx = np.searchsorted(edges, good, side="right")
+        counts = np.bincount(idx, minlength=bins).astype(np.int64)
+        # [counts, nonfinite, n, sum, sum of squares]
+        acc = w.channels.setdefault((name, channel), [np.zeros(bins, np.int64), 0, 0, 0.0, 0.0])
+        acc[0] += counts
+        acc[1] += int((~fin).sum())
+        acc[2] += int(good.size)
+        acc[3] += float(good.sum())
+        acc[4] += float(np.square(good).sum())
+
+    def _summarise_outputs(self, w: _Window, outputs: Sequence[Any], pids: Sequence[Any]) -> None:
+        same_length = False
+        if set(map(type, outputs)) <= {list, tuple}:
+            lengths = set(map(len, outputs))
+            n_out = max(lengths)
+            same_length = len(lengths) == 1
+        else:
+            n_out = max((len(o) for o in outputs if isinstance(o, Sequence)), default=0)
         for j in range(min(n_out, 64)):
+            column = [o[j] for o in outputs] if same_length else None
+            stacked = _stack(column) if column else None
+            if column is not None and stacked is not None:
+                acc = w.outputs.setdefault(j, _OutputAcc())
+                _add_output_values(acc, stacked.astype(np.float64, copy=False).ravel())
+                self._count_stacked_classes(acc, column, stacked, pids if j == 0 else None)
+                continue
             arrays = []
-            pids = []
-            for obs in batch:
-                outs = obs[1]
+            kept = []
+            for outs, pid in zip(outputs, pids, strict=True):
                 if not isinstance(outs, Sequence) or len(outs) <= j:
                     continue
                 try:
@@ -716,22 +960,16 @@ class TelemetryRecorder:
                 if a.dtype.kind not in "biuf":
                     continue
                 arrays.append(a)
-                pids.append(obs[3])
+                kept.append(pid)
             if not arrays:
                 continue
             acc = w.outputs.setdefault(j, _OutputAcc())
             flat = np.concatenate([a.astype(np.float64, copy=False).ravel() for a in arrays])
-            good = flat[np.isfinite(flat)]
-            acc.count += int(good.size)
-            if good.size:
-                acc.total += float(good.sum())
-                acc.total_sq += float(np.square(good).sum())
-                acc.lo = min(acc.lo, float(good.min()))
-                acc.hi = max(acc.hi, float(good.max()))
-            self._count_classes(acc, arrays, pids if j == 0 else None)
+            _add_output_values(acc, flat)
+            self._count_classes(acc, arrays, kept if j == 0 else None)
 
     def _count_classes(
-        self, acc: _OutputAcc, arrays: list[np.ndarray], pids: list[int] | None
+        self, acc: _OutputAcc, arrays: list[np.ndarray], pids: list[Any] | None
     ) -> None:
         dim = arrays[0].shape[-1] if arrays[0].ndim >= 2 else None
         if dim is None or not 2 <= dim <= 1024:
@@ -749,11 +987,110 @@ class TelemetryRecorder:
         acc.classes += np.bincount(winners, minlength=dim)
         if pids is not None and len(rows) == len(pids):
             starts = np.cumsum([0, *lengths[:-1]])
-            for pid, start, length in zip(pids, starts, lengths, strict=True):
-                if length:
-                    self._recent[pid] = int(winners[start])
-            while len(self._recent) > 4096:
-                self._recent.popitem(last=False)
+            kept = [k for k, length in enumerate(lengths) if length]
+            self._remember([pids[k] for k in kept], winners[starts[kept]])
+
+    def _count_stacked_classes(
+        self,
+        acc: _OutputAcc,
+        column: list[np.ndarray],
+        stacked: np.ndarray,
+        pids: Sequence[Any] | None,
+    ) -> None:
+        """``_count_classes`` for a column of arrays of one shape and dtype, ``stacked``."""
+        first = column[0]
+        dim = first.shape[-1] if first.ndim >= 2 else None
+        if dim is None or not 2 <= dim <= 1024:
+            return
+        if acc.class_dim is None:
+            acc.class_dim = dim
+            acc.classes = np.zeros(dim, dtype=np.int64)
+        if acc.class_dim != dim or acc.classes is None:
+            return
+        winners = np.argmax(stacked.reshape(-1, dim), axis=1)
+        acc.classes += np.bincount(winners, minlength=dim)
+        per_item = math.prod(first.shape[1:-1])  # rows of `dim` per leading index
+        if pids is None or not per_item:
+            return
+        leading = list(map(len, column))
+        if leading.count(leading[0]) == len(leading):
+            if leading[0]:
+                self._remember(pids, winners[:: leading[0] * per_item])
+            return
+        lengths = np.asarray(leading) * per_item
+        starts = np.cumsum(lengths) - lengths
+        kept = np.flatnonzero(lengths)
+        self._remember([pids[k] for k in kept.tolist()], winners[starts[kept]])
+
+    # ------------------------------------------------- predicted classes for feedback
+
+    def _remember(self, pids: Sequence[Any], winners: np.ndarray) -> None:
+        """Remember each prediction's class (the first row's argmax) for feedback.
+
+        Behaves exactly as an insertion-ordered dict ``pid -> class`` (a pid
+        seen again keeps its place and takes the new class) trimmed to the
+        ``_RECENT_MAX`` oldest-inserted. Kept as chunks ``(pids, classes)``,
+        oldest first, with distinct pids across all chunks: a batch of
+        increasing integer pids above every pid kept (the agent's counter) is
+        one appended chunk; anything else replays the dict, one item at a time.
+        """
+        if not len(pids):
+            return
+        self._recent_map = None
+        keys = _increasing_ints(pids)
+        if keys is not None and int(keys[0]) > self._recent_top:
+            # Contiguous: a strided view would keep the batch's whole argmax array alive.
+            self._recent.append((keys, np.ascontiguousarray(winners)))
+            self._recent_len += len(keys)
+            self._recent_top = int(keys[-1])
+            excess = self._recent_len - _RECENT_MAX
+            while excess > 0:
+                old_keys, old_winners = self._recent[0]
+                if len(old_keys) <= excess:
+                    self._recent.popleft()
+                    self._recent_len -= len(old_keys)
+                    excess -= len(old_keys)
+                else:
+                    old_keys, old_winners = old_keys[excess:], old_winners[excess:]
+                    if isinstance(old_keys, np.ndarray):  # copies: free the trimmed part
+                        old_keys, old_winners = old_keys.copy(), old_winners.copy()
+                    self._recent[0] = (old_keys, old_winners)
+                    self._recent_len -= excess
+                    excess = 0
+            return
+        known = collections.OrderedDict(self._recent_items())
+        try:  # an unhashable pid raises here, keeping the pids before it (as a dict would)
+            for pid, winner in zip(pids, winners.tolist(), strict=True):
+                known[pid] = winner
+            while len(known) > _RECENT_MAX:
+                known.popitem(last=False)
+        finally:
+            self._recent.clear()
+            self._recent.append((tuple(known), tuple(known.values())))
+            self._recent_len = len(known)
+            if all(isinstance(k, (int, np.integer)) for k in known):
+                self._recent_top = max((int(k) for k in known), default=-math.inf)
+            else:
+                self._recent_top = math.inf  # a non-integer pid: replay until it is trimmed
+
+    def _recent_items(self) -> Iterator[tuple[Any, int]]:
+        for keys, winners in self._recent:
+            if isinstance(keys, np.ndarray):
+                yield from zip(keys.tolist(), winners.tolist(), strict=True)
+            else:
+                yield from zip(keys, winners, strict=True)
+
+    def _predicted(self, pid: Any) -> int | None:
+        """The class remembered for ``pid`` (``dict.get`` semantics, so it may raise TypeError)."""
+        if self._recent_map is None:
+            self._recent_map = dict(self._recent_items())
+        return self._recent_map.get(pid)
+
+    def _forget_predictions(self) -> None:
+        self._recent.clear()
+        self._recent_len = 0
+        self._recent_top = -math.inf
+        self._recent_map = None
 
     def _take_samples(self, w: _Window) -> None:
         while self._sampled:
@@ -780,7 +1117,7 @@ class TelemetryRecorder:
             if isinstance(label, np.generic):
                 label = label.item()
             try:
-                w.feedback.append(Feedback(int(pid), label, self._recent.get(pid)))
+                w.feedback.append(Feedback(int(pid), label, self._predicted(pid)))
             except (MalformedMessageError, TypeError, ValueError):
                 w.error_kinds["bad-feedback"] += 1
 
