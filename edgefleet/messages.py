@@ -792,8 +792,38 @@ class FeatureCounts:
             "nonfinite": self.nonfinite,
         }
 
+    _KEYS = frozenset(("input", "index", "name", "counts", "nonfinite"))
+
     @classmethod
     def from_dict(cls, d: Any) -> FeatureCounts:
+        # Fast path (several of these per telemetry record on the server's ingest
+        # path): the same checks as below, inline; any doubt falls through to the
+        # field-by-field checks, which name the problem.
+        if type(d) is dict and d.keys() == cls._KEYS:
+            inp, index, name, counts, nonfinite = (
+                d["input"], d["index"], d["name"], d["counts"], d["nonfinite"]
+            )  # fmt: skip
+            if (
+                type(inp) is str
+                and len(inp) <= 256
+                and type(name) is str
+                and len(name) <= 256
+                and type(index) is int
+                and 0 <= index <= 1 << 30
+                and type(nonfinite) is int
+                and 0 <= nonfinite <= MAX_VERSION
+                and type(counts) is list
+                and len(counts) <= 100
+                and (
+                    not counts
+                    or (
+                        set(map(type, counts)) == {int}
+                        and min(counts) >= 0
+                        and max(counts) <= MAX_VERSION
+                    )
+                )
+            ):
+                return cls(inp, index, name, tuple(counts), nonfinite)
         w = "features[]"
         d = _keys(d, w, ("input", "index", "name", "counts", "nonfinite"))
         return cls(

@@ -137,7 +137,7 @@ def ingest_summaries(
 ) -> tuple[int, int]:
     """``ingest_batch`` for records already parsed elsewhere (the ingester's workers).
 
-    Each payload must be the canonical JSON that ``TelemetryRecord.from_bytes``
+    Each payload must be the JSON that ``TelemetryRecord.from_bytes``
     accepted and ``summaries[i]`` was taken from.
 
     Raises:
