@@ -1106,7 +1106,7 @@ class TelemetryRecorder:
             encoded_out = tuple(
                 e for e in (_encode_array(o) for o in list(outputs)[:64]) if e is not None
             )
-            w.samples.append(Sample(pid, encoded_in, encoded_out))
+            w.samples.append(Sample(int(pid), encoded_in, encoded_out))
 
     def _take_feedback(self, w: _Window) -> None:
         while self._labels:
