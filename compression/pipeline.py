@@ -26,6 +26,7 @@ DIR receives files only after a candidate passed, each written atomically,
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -446,15 +447,7 @@ def _exclusion_fallback(
     limit = min(run.config.max_excluded_nodes, len(ranking) - 1)
     for k in range(1, limit + 1):
         excluded = tuple(name for name, _ in ranking[:k])
-        quant = StaticInt8(
-            calibration=base.calibration,
-            per_channel=base.per_channel,
-            activation_type=base.activation_type,
-            reduce_range=base.reduce_range,
-            percentile=base.percentile,
-            num_bins=base.num_bins,
-            exclude_nodes=excluded,
-        )
+        quant = dataclasses.replace(base, exclude_nodes=excluded)
         result = _evaluate(run, variant, Candidate(quant=quant, prune=variant.prune), index + k - 1)
         out.append(result)
         if result.passed:

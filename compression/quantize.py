@@ -22,6 +22,7 @@ onnxruntime's exceptions become :class:`~compression.errors.QuantizationError`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import io
 import logging
@@ -353,15 +354,7 @@ def rank_sensitivity(
     with reporter.task("sensitivity", total=len(nodes)) as advance:
         for i, node in enumerate(nodes):
             others = tuple(n for n in nodes if n != node)
-            config = StaticInt8(
-                calibration=base.calibration,
-                per_channel=base.per_channel,
-                activation_type=base.activation_type,
-                reduce_range=base.reduce_range,
-                percentile=base.percentile,
-                num_bins=base.num_bins,
-                exclude_nodes=others,
-            )
+            config = dataclasses.replace(base, exclude_nodes=others)
             dst = workdir / f"sensitivity-{i}.onnx"
             quantize(src, dst, config, calibration, ProgressReporter(False), cache_key)
             session = make_session(dst.read_bytes())

@@ -102,8 +102,11 @@ def _finish(graph: Any, opset: int = 17) -> bytes:
     return bytes(model.SerializeToString())
 
 
-def linear_model(features: int = 8, classes: int = 3, seed: int = 0) -> bytes:
-    """``softmax(x @ W + b)``: the tiny classifier (same as ``examples/tiny_model.py``)."""
+def linear_model(features: int = 8, classes: int = 3, seed: int = 0, opset: int = 17) -> bytes:
+    """``softmax(x @ W + b)`` for ``x`` (batch, features): the tiny classifier.
+
+    ``examples/tiny_model.py`` (the demo's and the wire tests' model) uses this too.
+    """
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(seed)
@@ -120,7 +123,7 @@ def linear_model(features: int = 8, classes: int = 3, seed: int = 0) -> bytes:
         [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["batch", classes])],
         initializer=[numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "b")],
     )
-    return _finish(graph)
+    return _finish(graph, opset)
 
 
 def mlp_model(sizes: Sequence[int] = (32, 256, 128, 2), seed: int = 0) -> bytes:
