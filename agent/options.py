@@ -35,7 +35,7 @@ class AgentOptions:
     verifier_limits: VerifierLimits | None = None  # None: edgefleet.bundle's defaults
 
     def __post_init__(self) -> None:
-        if not _CLASS_RE.match(self.device_class):
+        if not _CLASS_RE.fullmatch(self.device_class):
             raise ValueError(f"device_class {self.device_class!r} must match {_CLASS_RE.pattern}")
         bounds: dict[str, tuple[float, float]] = {
             "intra_op_threads": (0, 64),

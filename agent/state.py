@@ -119,7 +119,7 @@ class SlotRef:
         if slot not in SLOTS:
             raise _bad(f"{what}.slot must be one of {SLOTS}")
         sha = _get(d, "manifest_sha256", str, what)
-        if not _HEX64.match(sha):
+        if not _HEX64.fullmatch(sha):
             raise _bad(f"{what}.manifest_sha256 is not a sha256 hex digest")
         version = _get(d, "version", int, what)
         if version < 1:
@@ -233,7 +233,7 @@ class UpdateInfo:
         if d is None:
             return None
         update_id = _get(d, "id", str, what)
-        if not _ID.match(update_id):
+        if not _ID.fullmatch(update_id):
             raise _bad(f"{what}.id {update_id!r} is not a valid update id")
         kind = _get(d, "kind", str, what)
         if kind not in UPDATE_KINDS:
@@ -258,7 +258,7 @@ class UpdateInfo:
 
 def valid_update_id(update_id: str) -> bool:
     """Whether ``update_id`` may be stored (letters, digits, ``._:-``, <= 128)."""
-    return bool(_ID.match(update_id))
+    return bool(_ID.fullmatch(update_id))
 
 
 @dataclass(frozen=True)

@@ -180,7 +180,7 @@ class Spool:
         self.dir.mkdir(parents=True, exist_ok=True)
         self._sizes: dict[int, int] = {}
         for path in self.dir.iterdir():
-            m = _RECORD_RE.match(path.name)
+            m = _RECORD_RE.fullmatch(path.name)
             if m:
                 self._sizes[int(m.group(1))] = path.stat().st_size
             elif path.name.startswith(".") and path.name.endswith(".tmp"):
@@ -802,7 +802,7 @@ class TelemetryRecorder:
                 kind = self._errors.popleft()
                 w.errors += 1
                 if len(w.error_kinds) < 32 or kind in w.error_kinds:
-                    w.error_kinds[kind if _KIND_RE.match(kind) else "error"] += 1
+                    w.error_kinds[kind if _KIND_RE.fullmatch(kind) else "error"] += 1
             if batch:
                 self._aggregate_batch(w, batch)
             self._take_samples(w)

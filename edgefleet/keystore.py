@@ -79,7 +79,7 @@ class KeyStore:
         """Every (non-revoked) key file in the directory, by role and number."""
         out = []
         for path in sorted(self.dir.glob("*.key")):
-            m = _KEYFILE.match(path.name)
+            m = _KEYFILE.fullmatch(path.name)
             if not m:
                 continue
             pub_path = path.with_name(path.name + ".pub")
@@ -97,12 +97,14 @@ class KeyStore:
 
     def _new_key(self, role: str) -> tuple[SigningKey, Path]:
         used = [
-            int(m.group(2)) for p in self.dir.glob(f"{role}-*.key") if (m := _KEYFILE.match(p.name))
+            int(m.group(2))
+            for p in self.dir.glob(f"{role}-*.key")
+            if (m := _KEYFILE.fullmatch(p.name))
         ]
         used += [
             int(m.group(2))
             for p in (self.dir / "revoked").glob(f"{role}-*.key")
-            if (m := _KEYFILE.match(p.name))
+            if (m := _KEYFILE.fullmatch(p.name))
         ]
         path = self.dir / f"{role}-{max(used, default=0) + 1}.key"
         key = generate()

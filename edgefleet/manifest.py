@@ -79,7 +79,7 @@ def validate_model_name(name: Any) -> str:
     Raises:
         MalformedBundleError: otherwise.
     """
-    if not isinstance(name, str) or not _NAME_RE.match(name):
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
         raise _fail(f"model name {name!r} must match {_NAME_RE.pattern}")
     return name
 
@@ -90,7 +90,7 @@ def validate_payload_path(path: Any) -> str:
     Raises:
         PathTraversalError: absolute, contains a separator or ``..``, or odd characters.
     """
-    if not isinstance(path, str) or not _PATH_RE.match(path) or ".." in path:
+    if not isinstance(path, str) or not _PATH_RE.fullmatch(path) or ".." in path:
         raise PathTraversalError(f"payload path {path!r} is not a plain file name")
     return path
 
@@ -216,7 +216,7 @@ class Targets:
             if not isinstance(val, list) or len(val) > 64:
                 raise _fail(f"targets.{key} must be a list of at most 64 names")
             for item in val:
-                if not isinstance(item, str) or not _CLASS_RE.match(item):
+                if not isinstance(item, str) or not _CLASS_RE.fullmatch(item):
                     raise _fail(f"targets.{key} has an invalid name {item!r}")
             lists.append(tuple(val))
         for key in ("min_agent_version", "min_onnxruntime_version"):
@@ -309,7 +309,7 @@ class PayloadEntry:
         size = _int(d["size"], f"payload {path} size", 1, max_size)
         usize = _int(d["uncompressed_size"], f"payload {path} uncompressed_size", 1, max_size)
         for key in ("sha256", "uncompressed_sha256"):
-            if not isinstance(d[key], str) or not _HEX64.match(d[key]):
+            if not isinstance(d[key], str) or not _HEX64.fullmatch(d[key]):
                 raise _fail(f"payload {path} {key} must be 64 lowercase hex digits")
         if d["compression"] not in COMPRESSIONS:
             raise _fail(f"payload {path} compression must be one of {COMPRESSIONS}")

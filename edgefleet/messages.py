@@ -200,7 +200,11 @@ def _opt_num(v: Any, what: str, lo: float = -math.inf, hi: float = math.inf) -> 
 
 
 def _str(v: Any, what: str, max_len: int = 256, pattern: re.Pattern[str] | None = None) -> str:
-    if not isinstance(v, str) or len(v) > max_len or (pattern is not None and not pattern.match(v)):
+    if (
+        not isinstance(v, str)
+        or len(v) > max_len
+        or (pattern is not None and not pattern.fullmatch(v))
+    ):
         extra = f" matching {pattern.pattern}" if pattern is not None else ""
         raise _fail(what, f"must be a string of at most {max_len} characters{extra}")
     return v

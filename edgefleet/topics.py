@@ -61,7 +61,7 @@ class TopicError(ValueError):
 
 
 def _validate_name(value: object, what: str) -> str:
-    if not isinstance(value, str) or not _NAME_RE.match(value):
+    if not isinstance(value, str) or not _NAME_RE.fullmatch(value):
         raise TopicError(
             f"{what} {value!r} is not safe: use 1-64 ASCII letters, digits, '.', '_' or '-', "
             "starting with a letter or digit"
@@ -217,7 +217,7 @@ class TopicFilter:
                 raise TopicError(f"filter {f!r}: '+' must be a whole level")
         if f.startswith("$share/"):
             raise TopicError("pass the share group as share_group, not inside the filter")
-        if self.share_group is not None and not _SHARE_GROUP_RE.match(self.share_group):
+        if self.share_group is not None and not _SHARE_GROUP_RE.fullmatch(self.share_group):
             raise TopicError(f"share group {self.share_group!r} is not a safe name")
 
     def __str__(self) -> str:

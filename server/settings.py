@@ -185,7 +185,7 @@ class Settings(BaseSettings):
     @field_validator("mqtt_client_id")
     @classmethod
     def _safe_client_id(cls, value: str | None) -> str | None:
-        if value is not None and not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$", value):
+        if value is not None and not re.fullmatch(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$", value):
             raise ValueError("mqtt_client_id: use 1-128 ASCII letters, digits, '.', '_' or '-'")
         return value
 

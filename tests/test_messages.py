@@ -335,3 +335,21 @@ def test_shared_protocol_modules_do_not_import_paho() -> None:
         "sys.exit(1 if any(m.startswith('paho') for m in sys.modules) else 0)"
     )
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_names_with_a_trailing_newline_are_refused_everywhere() -> None:
+    """``re.match`` with ``$`` accepts ``"name\\n"``; every identifier check full-matches."""
+    from edgefleet import manifest, messages
+    from edgefleet.errors import MalformedBundleError
+    from edgefleet.topics import TopicError, validate_device_id
+
+    with pytest.raises(TopicError):
+        validate_device_id("dev-1\n")
+    with pytest.raises(messages.MalformedMessageError):
+        messages.ModelRef("fraud\n", 1)
+    with pytest.raises(messages.MalformedMessageError):
+        messages.TelemetryRecord("dev-1\n", 1, 1.0, 2.0)
+    with pytest.raises(MalformedBundleError):
+        manifest.validate_model_name("fraud\n")
+    with pytest.raises(MalformedBundleError):
+        manifest.validate_payload_path("model.onnx\n")

@@ -348,7 +348,7 @@ def assign(
             meet the director threshold.
     """
     now = now or _now()
-    if rollout_id is not None and not re.match(ROLLOUT_PATTERN, rollout_id):
+    if rollout_id is not None and not re.fullmatch(ROLLOUT_PATTERN, rollout_id):
         raise InvalidInputError("rollout_id must be 1-128 ASCII letters, digits, '.', '_' or '-'")
     days = expires_days if expires_days is not None else settings.desired_expires_days
     if not 1 <= days <= 365:
