@@ -23,10 +23,8 @@ the last one was counted (baseline) or committed (server: polled row count).
 ``lost`` is messages sent minus rows stored on SQLite (must be 0; ``lost_postgres``
 likewise). Target: ``ratio_sqlite = rate_sqlite / rate_bare >= 0.7``.
 
-The server runs with ``ingest_parse_processes`` = ``EF_BENCH_PARSE_PROCESSES``
-(default 2). The publisher and the broker share the machine's cores with the
-consumer being measured; docs/server.md has the breakdown of the server's
-per-record cost.
+The publisher and the broker share the machine's cores with the consumer being
+measured; docs/server.md has the breakdown of the server's per-record cost.
 """
 
 from __future__ import annotations
@@ -49,8 +47,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 TARGET_RATIO = 0.7
-# The server's ingest_parse_processes for the run (strict parsing is most of its CPU).
-PARSE_PROCESSES = int(os.environ.get("EF_BENCH_PARSE_PROCESSES", "2"))
 PG_ADMIN_URL = os.environ.get("EDGEFLEET_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
 
 # ----------------------------------------------------------------- children
@@ -287,7 +283,6 @@ def run_pass(
             "EDGEFLEET_DATABASE_URL": db_url,
             "EDGEFLEET_MQTT_URL": f"mqtt://127.0.0.1:{port}",
             "EDGEFLEET_MQTT_CLIENT_ID": f"bench-{label}-{uuid.uuid4().hex[:6]}",
-            "EDGEFLEET_INGEST_PARSE_PROCESSES": str(PARSE_PROCESSES),
         }
     )
     server = subprocess.Popen(
@@ -434,7 +429,6 @@ def main(argv: list[str] | None = None) -> int:
             "lost": sqlite["lost"],
             "publish_rate": round(sqlite["publish_rate"], 1),
             "target_ratio": TARGET_RATIO,
-            "parse_processes": PARSE_PROCESSES,
             "cpus": os.cpu_count(),
         }
         if not args.no_postgres:

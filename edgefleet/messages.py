@@ -61,6 +61,7 @@ __all__ = [
     "MAX_DESIRED_BYTES",
     "MAX_REQUEST_BLOCKS",
     "MAX_TELEMETRY_BYTES",
+    "MAX_UNIX_TS",
     "MIN_BLOCK_SIZE",
     "ArraySample",
     "BundleRef",
@@ -101,6 +102,8 @@ MAX_BLOCK_SIZE = 256 << 10  # bytes (MQTT brokers commonly cap packets near 256 
 MAX_REQUEST_BLOCKS = 2048  # bits in one request's bitmap: bounds the responder's work
 MAX_BUNDLE_BYTES = 1 << 40  # bytes; a sanity bound, devices configure a smaller one
 MAX_VERSION = 2**53 - 1
+# Unix-seconds fields end at 9999-12-31T23:59:59Z, the last second a datetime can hold.
+MAX_UNIX_TS = 253_402_300_799.0
 CHUNK_MAGIC = b"EFC1"
 MAX_SAMPLE_BYTES = 64 << 10  # bytes of one sampled array
 MAX_LIST = 4096  # entries in any list of a telemetry record
@@ -141,7 +144,8 @@ def _decode(
         # Unsigned messages: the C decoder alone (no duplicate-key hook); NaN and
         # Infinity are still refused.
         try:
-            value = json.loads(bytes(data), parse_constant=_refuse_constant)
+            # UTF-8 only (json.loads would also sniff UTF-16/32 from bytes).
+            value = json.loads(bytes(data).decode("utf-8"), parse_constant=_refuse_constant)
         except (ValueError, RecursionError) as exc:
             raise _fail(what, f"not valid JSON: {exc}") from exc
         if not isinstance(value, dict):
@@ -183,12 +187,23 @@ def _int(v: Any, what: str, lo: int = 0, hi: int = MAX_VERSION) -> int:
     return v
 
 
+def _is_one(v: Any) -> bool:
+    """``v`` is the integer 1 (``True`` and ``1.0`` compare equal to 1 but are not)."""
+    return type(v) is int and v == 1
+
+
 def _opt_int(v: Any, what: str, lo: int = 0, hi: int = MAX_VERSION) -> int | None:
     return None if v is None else _int(v, what, lo, hi)
 
 
 def _num(v: Any, what: str, lo: float = -math.inf, hi: float = math.inf) -> float:
-    if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        raise _fail(what, "must be a finite number")
+    try:
+        finite = math.isfinite(v)  # an int beyond the float range raises OverflowError
+    except OverflowError:
+        finite = False
+    if not finite:
         raise _fail(what, "must be a finite number")
     if not lo <= v <= hi:
         raise _fail(what, f"must be in [{lo}, {hi}]")
@@ -398,7 +413,7 @@ class DesiredState:
             ("_type", "spec_version", "target", "version", "model", "bundle", "shadow",
              "rollout_id", "issued", "expires"),
         )  # fmt: skip
-        if d["_type"] != DESIRED_STATE_TYPE or d["spec_version"] != 1:
+        if d["_type"] != DESIRED_STATE_TYPE or not _is_one(d["spec_version"]):
             raise _fail("desired", f"_type must be {DESIRED_STATE_TYPE!r} with spec_version 1")
         rollout = d["rollout_id"]
         return cls(
@@ -972,7 +987,7 @@ class UpdateEvent:
     reason: str | None = None
 
     def __post_init__(self) -> None:
-        _num(self.ts, "event.ts", 0)
+        _num(self.ts, "event.ts", 0, MAX_UNIX_TS)
         _str(self.kind, "event.kind", 32, _KIND_RE)
         if self.reason is not None:
             _str(self.reason, "event.reason", 1024)
@@ -990,7 +1005,7 @@ class UpdateEvent:
     def from_dict(cls, d: Any) -> UpdateEvent:
         d = _keys(d, "event", ("ts", "kind", "desired_version", "model", "reason"))
         return cls(
-            _num(d["ts"], "event.ts", 0),
+            _num(d["ts"], "event.ts", 0, MAX_UNIX_TS),
             _str(d["kind"], "event.kind", 32, _KIND_RE),
             _opt_int(d["desired_version"], "event.desired_version", 1),
             None if d["model"] is None else ModelRef.from_dict(d["model"], "event.model"),
@@ -1167,8 +1182,8 @@ class TelemetryRecord:
     def __post_init__(self) -> None:
         _str(self.device_id, "telemetry.device_id", 64, _DEVICE_RE)
         _int(self.seq, "telemetry.seq", 1)
-        _num(self.window_start, "telemetry.window_start", 0)
-        if _num(self.window_end, "telemetry.window_end", 0) < self.window_start:
+        _num(self.window_start, "telemetry.window_start", 0, MAX_UNIX_TS)
+        if _num(self.window_end, "telemetry.window_end", 0, MAX_UNIX_TS) < self.window_start:
             raise _fail("telemetry", "window_end is before window_start")
         if len(self.error_kinds) > 32:
             raise _fail("telemetry", "at most 32 error kinds")
@@ -1219,7 +1234,7 @@ class TelemetryRecord:
             MalformedMessageError: any problem.
         """
         d = _keys(d, "telemetry", cls._KEYS)
-        if d["type"] != "telemetry" or d["spec_version"] != 1:
+        if d["type"] != "telemetry" or not _is_one(d["spec_version"]):
             raise _fail("telemetry", "type must be 'telemetry' with spec_version 1")
         kinds = d["error_kinds"]
         if not isinstance(kinds, dict):
@@ -1227,8 +1242,8 @@ class TelemetryRecord:
         return cls(
             device_id=d["device_id"],
             seq=d["seq"],
-            window_start=_num(d["window_start"], "window_start", 0),
-            window_end=_num(d["window_end"], "window_end", 0),
+            window_start=_num(d["window_start"], "window_start", 0, MAX_UNIX_TS),
+            window_end=_num(d["window_end"], "window_end", 0, MAX_UNIX_TS),
             model=None if d["model"] is None else ModelRef.from_dict(d["model"]),
             predictions=_int(d["predictions"], "predictions"),
             errors=_int(d["errors"], "errors"),
@@ -1286,7 +1301,7 @@ class StatusMessage:
         _str(self.device_id, "status.device_id", 64, _DEVICE_RE)
         if self.state not in self.STATES:
             raise _fail("status", f"state must be one of {self.STATES}")
-        _num(self.ts, "status.ts", 0)
+        _num(self.ts, "status.ts", 0, MAX_UNIX_TS)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -1321,7 +1336,7 @@ class StatusMessage:
         return cls(
             d["device_id"],
             d["state"],
-            _num(d["ts"], "status.ts", 0),
+            _num(d["ts"], "status.ts", 0, MAX_UNIX_TS),
             _opt_str(d["agent_version"], "status.agent_version", 32),
             None if d["model"] is None else ModelRef.from_dict(d["model"]),
             _opt_int(d["desired_version"], "status.desired_version", 1),

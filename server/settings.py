@@ -143,12 +143,6 @@ class Settings(BaseSettings):
     ingest_batch_seconds: float = Field(
         0.2, ge=0.001, le=60.0, description="longest wait, seconds, before a partial batch commits"
     )
-    ingest_parse_processes: int = Field(
-        0,
-        ge=0,
-        le=64,
-        description="worker processes that parse telemetry (0: the ingest thread parses)",
-    )
     chunk_rate_bytes_per_second: int = Field(
         0, ge=0, le=1 << 40, description="chunk bytes per second per device (0: unlimited)"
     )

@@ -40,11 +40,11 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from edgefleet.topics import DeviceChannel, DeviceTopic, TopicError, all_devices, parse, shared
+from edgefleet.topics import DeviceChannel, TopicError, all_devices, shared
 from server import metrics
 from server.mqtt.chunks import ChunkServer
 from server.mqtt.connection import BrokerConnection, ConnectionOptions, Delivery
-from server.mqtt.ingest import Ingester
+from server.mqtt.ingest import Ingester, device_topic
 from server.mqtt.publisher import DesiredPublisher
 from server.settings import Settings
 
@@ -127,7 +127,6 @@ class MqttService:
             self.connection.ack,
             batch_max=settings.ingest_batch_max,
             batch_seconds=settings.ingest_batch_seconds,
-            parse_processes=settings.ingest_parse_processes,
         )
         self.chunks = ChunkServer(
             session_factory,
@@ -151,12 +150,9 @@ class MqttService:
 
     def _route(self, delivery: Delivery) -> None:
         try:
-            topic = parse(delivery.topic)
+            topic = device_topic(delivery.topic)  # memoized: this runs on the network thread
         except TopicError:
             log.info("mqtt: ignored a message on %s", delivery.topic)
-            self.connection.ack(delivery)
-            return
-        if not isinstance(topic, DeviceTopic):
             self.connection.ack(delivery)
             return
         if topic.channel is DeviceChannel.CHUNK_REQUEST:

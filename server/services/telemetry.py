@@ -1,19 +1,21 @@
 """Telemetry storage: idempotent batch ingestion, queries and retention.
 
-Flow: the MQTT ingester (``server.mqtt.ingest``) parses payloads with
-``TelemetryRecord.from_bytes``, checks that each record's ``device_id``
-matches its topic, and hands batches of ``RecordSummary`` + the payload bytes
-to ``ingest_summaries`` (``ingest_batch`` does the same for parsed records);
-the API reads with ``query``; the job worker (and ``server mqtt``) call
-``apply_retention`` hourly.
+Flow: the MQTT ingester (``server.mqtt.ingest``) validates payloads (the
+typed fast path ``server.mqtt.fastparse``, else ``TelemetryRecord.from_bytes``),
+checks that each record's ``device_id`` matches its topic, and hands batches
+of ``RecordSummary`` + the payload bytes to ``ingest_summaries``
+(``ingest_batch`` does the same for parsed records); the API reads with
+``query``; the job worker (and ``server mqtt``) call ``apply_retention``
+hourly.
 
-Invariants: a (device_id, seq) pair is stored at most once. ``ingest_batch``
-runs one cached ``INSERT ... ON CONFLICT (device_id, seq) DO NOTHING
-RETURNING id`` as an executemany in the caller's transaction (the returned
-ids are the new rows), so duplicates inside a batch, across batches and between
+Invariants: a (device_id, seq) pair is stored at most once. ``ingest_summaries``
+sends one ``INSERT ... ON CONFLICT (device_id, seq) DO NOTHING`` as a single
+DBAPI executemany in the caller's transaction and counts what the driver
+reports inserted, so duplicates inside a batch, across batches and between
 replicas racing on the same record are all counted as duplicates, never as
 errors, and ``stored + duplicates == len(records)``. The stored ``record`` is
-the device's canonical JSON as received. Retention deletes by ``window_end``.
+the device's JSON as received (UTF-8, already validated). Retention deletes by
+``window_end``.
 """
 
 from __future__ import annotations
@@ -23,14 +25,12 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
 from typing import Any, NamedTuple
 
-from sqlalchemy import JSON, Text, bindparam, cast, delete, func, select
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
 from edgefleet import canonical
 from edgefleet.messages import TelemetryRecord
 from server import metrics
-from server.db import is_postgres
 from server.models import TelemetryRow
 
 __all__ = ["RecordSummary", "apply_retention", "ingest_batch", "ingest_summaries", "query"]
@@ -38,27 +38,6 @@ __all__ = ["RecordSummary", "apply_retention", "ingest_batch", "ingest_summaries
 
 def _received(now: datetime | None) -> datetime:
     return now or datetime.now(timezone.utc)
-
-
-@functools.lru_cache(maxsize=2)
-def _insert_statement(dialect: str) -> Any:
-    """``INSERT ... ON CONFLICT (device_id, seq) DO NOTHING RETURNING id``, for executemany.
-
-    The ``record`` column is bound as text holding the canonical JSON the
-    device sent (already validated), so it is not decoded and re-encoded per
-    row; PostgreSQL casts it to JSON.
-    """
-    table: Any = TelemetryRow.__table__
-    record = bindparam("record", type_=Text())
-    values: dict[str, Any] = {c: bindparam(c) for c in _COLUMNS}
-    values["record"] = cast(record, JSON) if dialect == "postgresql" else record
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    return (
-        insert(table)
-        .values(values)
-        .on_conflict_do_nothing(index_elements=["device_id", "seq"])
-        .returning(table.c.id)
-    )
 
 
 _COLUMNS = (
@@ -71,7 +50,37 @@ _COLUMNS = (
     "predictions",
     "errors",
     "received_at",
+    "record",
 )
+
+
+@functools.lru_cache(maxsize=4)
+def _insert_sql(dialect: str, paramstyle: str) -> str:
+    """``INSERT ... ON CONFLICT (device_id, seq) DO NOTHING`` in the driver's own SQL.
+
+    Sent with ``exec_driver_sql`` as one DBAPI ``executemany``: SQLAlchemy's
+    per-row bind processing cost more than the insert itself on this path.
+    ``record`` is bound as the canonical JSON text the device sent (already
+    validated); PostgreSQL casts it to ``json``.
+
+    Raises:
+        ValueError: a dialect other than SQLite or PostgreSQL.
+    """
+    if (dialect, paramstyle) == ("sqlite", "qmark"):
+        marks = ["?"] * len(_COLUMNS)
+    elif dialect == "postgresql" and paramstyle in ("format", "pyformat"):
+        marks = ["%s"] * (len(_COLUMNS) - 1) + ["%s::json"]
+    else:
+        raise ValueError(f"telemetry ingest supports SQLite and PostgreSQL, not {dialect}")
+    return (
+        f"INSERT INTO {TelemetryRow.__tablename__} ({', '.join(_COLUMNS)}) "
+        f"VALUES ({', '.join(marks)}) ON CONFLICT (device_id, seq) DO NOTHING"
+    )
+
+
+def _sqlite_datetime(value: datetime) -> str:
+    """A UTC datetime as SQLAlchemy's SQLite ``DATETIME`` stores it (naive, microseconds)."""
+    return value.astimezone(timezone.utc).replace(tzinfo=None).isoformat(" ", "microseconds")
 
 
 class RecordSummary(NamedTuple):
@@ -148,32 +157,31 @@ def ingest_summaries(
     if not summaries:
         return 0, 0
     received = _received(now)
-    seen: set[tuple[str, int]] = set()
-    rows: list[dict[str, Any]] = []
+    conn = session.connection()
+    dialect = conn.dialect
+    sql = _insert_sql(dialect.name, dialect.paramstyle)
     utc = timezone.utc
-    for summary, raw in zip(summaries, payloads, strict=True):
-        key = (summary.device_id, summary.seq)
-        if key in seen:
-            continue
-        seen.add(key)
-        rows.append(
-            {
-                "device_id": summary.device_id,
-                "seq": summary.seq,
-                "window_start": datetime.fromtimestamp(summary.window_start, utc),
-                "window_end": datetime.fromtimestamp(summary.window_end, utc),
-                "model_name": summary.model_name,
-                "model_version": summary.model_version,
-                "predictions": summary.predictions,
-                "errors": summary.errors,
-                "received_at": received,
-                "record": raw.decode("utf-8"),
-            }
-        )
-    dialect = "postgresql" if is_postgres(session) else "sqlite"
-    # executemany + RETURNING: SQLAlchemy sends it as batched multi-row INSERTs
-    # ("insertmanyvalues"), compiled once; the returned ids are the new rows.
-    stored = len(session.execute(_insert_statement(dialect), rows).all())
+    fromtimestamp = datetime.fromtimestamp
+    rows: list[tuple[Any, ...]]
+    if dialect.name == "sqlite":
+        received_text = _sqlite_datetime(received)
+        text_ts = _sqlite_datetime
+        rows = [
+            (s.device_id, s.seq, text_ts(fromtimestamp(s.window_start, utc)),
+             text_ts(fromtimestamp(s.window_end, utc)), s.model_name, s.model_version,
+             s.predictions, s.errors, received_text, raw.decode("utf-8"))
+            for s, raw in zip(summaries, payloads, strict=True)
+        ]  # fmt: skip
+    else:
+        rows = [
+            (s.device_id, s.seq, fromtimestamp(s.window_start, utc),
+             fromtimestamp(s.window_end, utc), s.model_name, s.model_version, s.predictions,
+             s.errors, received, raw.decode("utf-8"))
+            for s, raw in zip(summaries, payloads, strict=True)
+        ]  # fmt: skip
+    # One executemany; the driver's rowcount sums the rows each statement inserted
+    # (0 for a conflict), so duplicates within the batch are counted too.
+    stored = int(conn.exec_driver_sql(sql, rows).rowcount)
     duplicates = len(summaries) - stored
     metrics.TELEMETRY_RECORDS.labels("stored").inc(stored)
     metrics.TELEMETRY_RECORDS.labels("duplicate").inc(duplicates)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -167,6 +168,59 @@ def test_ingester_unit_acks_only_after_commit(harness: Harness) -> None:
     ing.process(deliveries)  # 10 duplicates and 15 new ones
     assert harness.telemetry_count("u1") == 25
     assert ing.stats.duplicates == 10 and len(acked) == 35
+
+
+def test_ingester_survives_poison_payloads_and_stores_the_rest(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Payloads that once escaped the parser or the insert cost only themselves."""
+    import json
+
+    from edgefleet.messages import ArraySample, Sample
+    from server.mqtt import fastparse
+    from server.mqtt.connection import Delivery
+
+    topic = str(DeviceTopic.telemetry("p1"))
+    good = [record("p1", i).to_bytes() for i in (1, 2, 3)]
+    huge_int = json.loads(record("p1", 4).to_bytes())
+    huge_int["window_end"] = 10**400  # math.isfinite raised OverflowError on it
+    year_10000 = json.loads(record("p1", 5).to_bytes())
+    year_10000["window_end"] = 1e13  # datetime.fromtimestamp raised on it at insert time
+    utf16 = record("p1", 6).to_bytes().decode().encode("utf-16")  # json.loads sniffed UTF-16
+    sampled = replace(  # valid, but only the reference parser takes samples
+        record("p1", 7),
+        samples=(Sample(1, {"x": ArraySample("float32", (1,), b"\0" * 4)}, ()),),
+    )
+    payloads = [
+        good[0],
+        json.dumps(huge_int).encode(),
+        good[1],
+        json.dumps(year_10000).encode(),
+        utf16,
+        sampled.to_bytes(),
+        good[2],
+    ]
+    acked: list[int] = []
+    ing = Ingester(harness.api.sessions, _recorder(acked))
+    ing.process([Delivery(topic, p, False, 1, i, 1) for i, p in enumerate(payloads, 1)])
+    assert harness.seqs("p1") == [1, 2, 3, 7]
+    assert sorted(acked) == list(range(1, 8)) and ing.stats.rejected == 3
+    assert fastparse.summarize(sampled.to_bytes()) is None  # it went the slow way
+
+    # A parser bug on one payload drops that payload, not the batch or the thread.
+    real = fastparse.summarize
+
+    def buggy(payload: bytes) -> object:
+        if b'"seq":9,' in payload:
+            raise RuntimeError("boom")
+        return real(payload)
+
+    monkeypatch.setattr(fastparse, "summarize", buggy)
+    ing.process(
+        [Delivery(topic, record("p1", s).to_bytes(), False, 1, 100 + s, 1) for s in (8, 9, 10)]
+    )
+    assert harness.seqs("p1") == [1, 2, 3, 7, 8, 10] and ing.stats.rejected == 4
+    assert sorted(acked)[-3:] == [108, 109, 110]
 
 
 # ---------------------------------------------- durability across restarts
@@ -495,21 +549,3 @@ def test_service_status_summary(harness: Harness) -> None:
     status = svc.status()
     assert status["connected"] and status["telemetry_subscription"] == "exclusive"
     assert status["client_id"] == harness.settings.mqtt_client_id
-
-
-def test_ingester_with_parse_processes_stores_and_rejects_the_same(harness: Harness) -> None:
-    from server.mqtt.connection import Delivery
-
-    acked: list[int] = []
-    ing = Ingester(harness.api.sessions, _recorder(acked), parse_processes=2)
-    ing.start()
-    try:
-        topic = str(DeviceTopic.telemetry("p1"))
-        batch = [Delivery(topic, record("p1", i).to_bytes(), False, 1, i, 1) for i in range(1, 31)]
-        batch.append(Delivery(topic, record("p2", 1).to_bytes(), False, 1, 31, 1))  # spoofed
-        batch.append(Delivery(topic, b"{}", False, 1, 32, 1))  # malformed
-        ing.process(batch)
-    finally:
-        ing.stop()
-    assert harness.seqs("p1") == list(range(1, 31)) and harness.telemetry_count() == 30
-    assert sorted(acked) == list(range(1, 33)) and ing.stats.rejected == 2

@@ -144,3 +144,44 @@ def test_telemetry_api(api: Api) -> None:
     assert 'edgefleet_telemetry_records_total{result="stored"}' in text
     assert 'route="/api/v1/telemetry",status="2xx"' in text
     assert 'route="/api/v1/telemetry",status="4xx"' in text
+
+
+def test_ingested_timestamps_read_back_exactly_and_as_the_orm_writes_them(sessions) -> None:
+    """The insert binds timestamps itself (no SQLAlchemy bind processing): same values."""
+    from sqlalchemy import text
+
+    from server.models import TelemetryRow
+
+    r = rec("ts", 1, at=T0 + 0.123456)
+    received = datetime(2030, 5, 2, 3, 4, 5, 678901, tzinfo=timezone.utc)
+    with sessions() as s:
+        assert telemetry.ingest_batch(s, [r], now=received) == (1, 0)
+        orm = TelemetryRow(
+            device_id="orm",
+            seq=1,
+            window_start=datetime.fromtimestamp(r.window_start, timezone.utc),
+            window_end=datetime.fromtimestamp(r.window_end, timezone.utc),
+            model_name="m",
+            model_version=1,
+            predictions=10,
+            errors=0,
+            received_at=received,
+            record=r.to_dict(),
+        )
+        s.add(orm)
+        s.commit()
+    with sessions() as s:
+        row = telemetry.query(s, device_id="ts")[0][0]
+        assert row.window_start == datetime.fromtimestamp(r.window_start, timezone.utc)
+        assert row.window_end == datetime.fromtimestamp(r.window_end, timezone.utc)
+        assert row.received_at == received and row.record == r.to_dict()
+        raw = s.execute(
+            text(
+                "SELECT device_id, CAST(window_start AS TEXT), CAST(window_end AS TEXT), "
+                "CAST(received_at AS TEXT) FROM telemetry WHERE device_id IN ('ts', 'orm') "
+                "ORDER BY device_id"
+            )
+        ).all()
+        assert raw[0][1:] == raw[1][1:], raw  # byte-identical storage on both dialects
+        # Window filters compare these columns (text on SQLite): the row is found.
+        assert telemetry.query(s, since=row.window_end, until=row.window_end + timedelta(1))[1] == 2
