@@ -18,8 +18,9 @@ reference: non-empty ``samples`` (binary arrays with cross-field size rules;
 off by default on devices) and whatever msgspec cannot decode (e.g. a lone
 UTF-16 surrogate escape).
 
-Cost: about 8 us per 1.5 KB record where the reference takes about 65 us
-(``benchmarks/ingest.py``). The server's ingest rate is bounded by this parse.
+Cost: about 6 us per 1.5 KB record where the reference takes about 65 us
+(``benchmarks/ingest.py``; docs/server.md has the server's whole per-record
+cost).
 """
 
 from __future__ import annotations

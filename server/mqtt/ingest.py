@@ -22,13 +22,19 @@ Invariants:
   re-sends it on reconnect, and the dedupe makes that harmless.
 * A database outage never drops anything: the batch is retried with backoff
   (not acknowledged meanwhile; the broker's receive maximum bounds what
-  waits). A batch the database refuses for another reason is split and
-  stored one message at a time, so one bad row cannot block the others.
+  waits). The same holds for every store failure that is not the payloads'
+  fault: a failover to a read-only server, missing grants, a pool timeout.
+* A store failure a payload can cause (``_PAYLOAD_FAULTS``: the database
+  refused a value, or a value tripped the code) is narrowed down by storing
+  the batch's messages one at a time; only a message that fails alone is
+  dropped (logged, counted, acknowledged), so one bad row cannot block the
+  others. A message is acknowledged once: those dropped at parse time are not
+  retried in the split.
 * The transaction is the unit: records, statuses and facts of a batch land
   together or not at all.
-* No payload can stop the ingester: a parser or storage failure other than
-  the database being unavailable costs only the message that caused it
-  (logged with its traceback, counted, acknowledged).
+* No payload can stop the ingester: a parser failure of any kind costs only
+  the message that caused it (logged with its traceback, counted,
+  acknowledged).
 """
 
 from __future__ import annotations
@@ -44,7 +50,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import DataError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
 from edgefleet.errors import VerificationError
@@ -60,6 +66,11 @@ __all__ = ["IngestStats", "Ingester", "parse_payloads"]
 log = logging.getLogger("edgefleet.server.ingest")
 
 _RETRY_MAX_S = 5.0  # seconds, longest wait between attempts on an unavailable database
+
+# Store failures that a payload can cause: the database refused one of its values,
+# or a value tripped the code. Every other failure (an outage, a failover to a
+# read-only server, missing grants, a pool timeout) is the environment's.
+_PAYLOAD_FAULTS = (DataError, IntegrityError, ValueError, TypeError, ArithmeticError)
 
 
 @dataclass
@@ -96,7 +107,7 @@ def device_topic(topic: str) -> DeviceTopic:
 
 
 def parse_payloads(items: Sequence[tuple[str, bytes]]) -> list[Parsed]:
-    """Parse and check ``(topic, payload)`` pairs; pure, so it can run in a worker process.
+    """Parse and check ``(topic, payload)`` pairs (no database or network access).
 
     Returns one entry per item: ``("telemetry", RecordSummary)``,
     ``("status", StatusMessage)``, ``("facts", DeviceFactsMessage)``,
@@ -293,29 +304,31 @@ class Ingester:
 
         Retries while the database is unavailable (until ``stop``); never raises.
         """
-        parsed, keep = self._parse(batch)
+        parsed, keep = self._parse(batch)  # rejected ones are acknowledged already
         attempt = 0
         while True:
             try:
                 stored, duplicates = self._store(parsed)
                 break
-            except (OperationalError, InterfaceError) as exc:
+            except _PAYLOAD_FAULTS as exc:
+                if len(keep) == 1:
+                    log.warning("ingest: storing %s failed", keep[0].topic, exc_info=True)
+                    self._reject(keep[0], "malformed", f"storing it failed: {exc}")
+                    return
+                log.warning("ingest: batch refused (%s); storing one message at a time", exc)
+                for delivery in keep:
+                    self.process([delivery])
+                return
+            except Exception as exc:  # the database or the connection, not the payloads
                 self.stats.retries += 1
-                log.warning("ingest: database unavailable, batch kept unacknowledged: %s", exc)
+                if isinstance(exc, (OperationalError, InterfaceError)):
+                    log.warning("ingest: database unavailable, batch kept unacknowledged: %s", exc)
+                else:
+                    log.exception("ingest: storing a batch failed; kept unacknowledged, retrying")
                 if self._stop.is_set():
                     return  # not acknowledged: the broker re-sends it to the next session
                 self._stop.wait(self._rng.uniform(0, min(_RETRY_MAX_S, 0.1 * 2**attempt)))
                 attempt += 1
-            except Exception as exc:  # SQLAlchemyError, or a bug that a payload triggers
-                if not isinstance(exc, SQLAlchemyError):
-                    log.exception("ingest: storing a batch failed")
-                if len(batch) == 1:
-                    self._reject(batch[0], "malformed", f"storing it failed: {exc}")
-                    return
-                log.warning("ingest: batch refused (%s); storing one message at a time", exc)
-                for delivery in batch:
-                    self.process([delivery])
-                return
         self.stats.batches += 1
         self.stats.stored += stored
         self.stats.duplicates += duplicates

@@ -37,7 +37,11 @@ __all__ = ["RecordSummary", "apply_retention", "ingest_batch", "ingest_summaries
 
 
 def _received(now: datetime | None) -> datetime:
-    return now or datetime.now(timezone.utc)
+    if now is None:
+        return datetime.now(timezone.utc)
+    if now.tzinfo is None:
+        raise ValueError("now must be timezone-aware")
+    return now
 
 
 _COLUMNS = (
@@ -60,18 +64,22 @@ def _insert_sql(dialect: str, paramstyle: str) -> str:
 
     Sent with ``exec_driver_sql`` as one DBAPI ``executemany``: SQLAlchemy's
     per-row bind processing cost more than the insert itself on this path.
-    ``record`` is bound as the canonical JSON text the device sent (already
-    validated); PostgreSQL casts it to ``json``.
+    ``record`` is bound as the JSON text the device sent (already validated,
+    stored as received); PostgreSQL casts it to ``json``.
 
     Raises:
-        ValueError: a dialect other than SQLite or PostgreSQL.
+        RuntimeError: a database or driver other than SQLite or PostgreSQL/psycopg
+            (not a ``ValueError``: the ingester must not blame the payloads).
     """
     if (dialect, paramstyle) == ("sqlite", "qmark"):
         marks = ["?"] * len(_COLUMNS)
     elif dialect == "postgresql" and paramstyle in ("format", "pyformat"):
         marks = ["%s"] * (len(_COLUMNS) - 1) + ["%s::json"]
     else:
-        raise ValueError(f"telemetry ingest supports SQLite and PostgreSQL, not {dialect}")
+        raise RuntimeError(
+            f"telemetry ingest supports SQLite (qmark) and PostgreSQL (psycopg), "
+            f"not {dialect} with paramstyle {paramstyle}"
+        )
     return (
         f"INSERT INTO {TelemetryRow.__tablename__} ({', '.join(_COLUMNS)}) "
         f"VALUES ({', '.join(marks)}) ON CONFLICT (device_id, seq) DO NOTHING"
@@ -84,7 +92,7 @@ def _sqlite_datetime(value: datetime) -> str:
 
 
 class RecordSummary(NamedTuple):
-    """The indexed columns of one record (small and picklable: parse workers return it)."""
+    """The indexed columns of one record (what the ingester stores besides the JSON)."""
 
     device_id: str
     seq: int
@@ -122,15 +130,15 @@ def ingest_batch(
     Args:
         session: the transaction to insert in.
         records: parsed records (any devices, any order, duplicates allowed).
-        payloads: the canonical JSON each record was parsed from (the MQTT
-            payloads), stored as received; default: each record re-encoded.
+        payloads: the JSON each record was parsed from (the MQTT payloads),
+            stored as received; default: each record's canonical JSON.
         now: the receive time to stamp (default: now).
 
     Returns:
         (stored, duplicates), summing to ``len(records)``.
 
     Raises:
-        ValueError: ``payloads`` does not match ``records`` one to one.
+        ValueError: ``payloads`` does not match ``records`` one to one, or ``now`` is naive.
     """
     if payloads is None:
         payloads = [canonical.encode(r.to_dict()) for r in records]
@@ -144,13 +152,13 @@ def ingest_summaries(
     *,
     now: datetime | None = None,
 ) -> tuple[int, int]:
-    """``ingest_batch`` for records already parsed elsewhere (the ingester's workers).
+    """``ingest_batch`` for records already validated elsewhere (the MQTT ingester).
 
     Each payload must be the JSON that ``TelemetryRecord.from_bytes``
     accepted and ``summaries[i]`` was taken from.
 
     Raises:
-        ValueError: ``payloads`` does not match ``summaries`` one to one.
+        ValueError: ``payloads`` does not match ``summaries`` one to one, or ``now`` is naive.
     """
     if len(payloads) != len(summaries):
         raise ValueError("payloads must match records one to one")

@@ -223,6 +223,62 @@ def test_ingester_survives_poison_payloads_and_stores_the_rest(
     assert sorted(acked)[-3:] == [108, 109, 110]
 
 
+def test_store_failures_that_are_not_the_payloads_fault_keep_the_batch_unacknowledged(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failover to a read-only server is retried, not blamed on the records."""
+    from sqlalchemy.exc import InternalError, ProgrammingError
+
+    from server.mqtt import ingest
+    from server.mqtt.connection import Delivery
+
+    real = ingest.telemetry.ingest_summaries
+    failures = [
+        InternalError("INSERT", {}, Exception("cannot execute INSERT in a read-only transaction")),
+        ProgrammingError("INSERT", {}, Exception("permission denied for table telemetry")),
+    ]
+
+    def flaky(*args: object, **kwargs: object) -> tuple[int, int]:
+        if failures:
+            raise failures.pop(0)
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ingest.telemetry, "ingest_summaries", flaky)
+    acked: list[int] = []
+    ing = Ingester(harness.api.sessions, _recorder(acked))
+    topic = str(DeviceTopic.telemetry("f1"))
+    ing.process([Delivery(topic, record("f1", i).to_bytes(), False, 1, i, 1) for i in (1, 2, 3)])
+    assert harness.seqs("f1") == [1, 2, 3] and acked == [1, 2, 3]
+    assert ing.stats.retries == 2 and ing.stats.rejected == 0
+
+
+def test_a_value_the_database_refuses_costs_only_its_message_acknowledged_once(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sqlalchemy.exc import DataError
+
+    from server.mqtt import ingest
+    from server.mqtt.connection import Delivery
+
+    real = ingest.telemetry.ingest_summaries
+
+    def refuses_seq_3(session: object, summaries: list, *args: object, **kw: object) -> object:
+        if any(s.seq == 3 for s in summaries):
+            raise DataError("INSERT", {}, Exception("invalid input syntax for type json"))
+        return real(session, summaries, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ingest.telemetry, "ingest_summaries", refuses_seq_3)
+    acked: list[int] = []
+    ing = Ingester(harness.api.sessions, _recorder(acked))
+    topic = str(DeviceTopic.telemetry("g1"))
+    batch = [Delivery(topic, record("g1", i).to_bytes(), False, 1, i, 1) for i in (1, 2, 3, 4)]
+    batch.append(Delivery(topic, b"{}", False, 1, 5, 1))  # dropped at parse time
+    ing.process(batch)
+    assert harness.seqs("g1") == [1, 2, 4]
+    assert sorted(acked) == [1, 2, 3, 4, 5]  # each exactly once, the malformed one too
+    assert ing.stats.rejected == 2 and ing.stats.retries == 0
+
+
 # ---------------------------------------------- durability across restarts
 
 
