@@ -187,14 +187,4 @@ def summarize(payload: bytes, *, max_bytes: int = m.MAX_TELEMETRY_BYTES) -> Reco
         return None
     if r.window_end < r.window_start:
         return None
-    model = r.model
-    return RecordSummary(
-        r.device_id,
-        r.seq,
-        r.window_start,
-        r.window_end,
-        None if model is None else model.name,
-        None if model is None else model.version,
-        r.predictions,
-        r.errors,
-    )
+    return RecordSummary.of(r)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
@@ -33,7 +33,14 @@ from edgefleet.messages import TelemetryRecord
 from server import metrics
 from server.models import TelemetryRow
 
-__all__ = ["RecordSummary", "apply_retention", "ingest_batch", "ingest_summaries", "query"]
+__all__ = [
+    "RecordLike",
+    "RecordSummary",
+    "apply_retention",
+    "ingest_batch",
+    "ingest_summaries",
+    "query",
+]
 
 
 def _received(now: datetime | None) -> datetime:
@@ -91,6 +98,32 @@ def _sqlite_datetime(value: datetime) -> str:
     return value.astimezone(timezone.utc).replace(tzinfo=None).isoformat(" ", "microseconds")
 
 
+class _ModelLike(Protocol):
+    @property
+    def name(self) -> str: ...
+    @property
+    def version(self) -> int: ...
+
+
+class RecordLike(Protocol):
+    """What ``RecordSummary.of`` reads: the fields of a telemetry record it indexes."""
+
+    @property
+    def device_id(self) -> str: ...
+    @property
+    def seq(self) -> int: ...
+    @property
+    def window_start(self) -> float: ...
+    @property
+    def window_end(self) -> float: ...
+    @property
+    def model(self) -> _ModelLike | None: ...
+    @property
+    def predictions(self) -> int: ...
+    @property
+    def errors(self) -> int: ...
+
+
 class RecordSummary(NamedTuple):
     """The indexed columns of one record (what the ingester stores besides the JSON)."""
 
@@ -104,7 +137,8 @@ class RecordSummary(NamedTuple):
     errors: int
 
     @classmethod
-    def of(cls, record: TelemetryRecord) -> RecordSummary:
+    def of(cls, record: RecordLike) -> RecordSummary:
+        """The summary of a parsed record (a ``TelemetryRecord`` or the fast path's struct)."""
         model = record.model
         return cls(
             record.device_id,
