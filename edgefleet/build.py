@@ -42,6 +42,7 @@ __all__ = [
     "ModelDescription",
     "ModelFileError",
     "build_bundle",
+    "check_metadata_fits",
     "describe_model",
     "load_compression_outputs",
     "min_onnxruntime_for_opset",
@@ -199,6 +200,42 @@ def load_compression_outputs(model_dir: Path) -> dict[str, Any]:
     return found
 
 
+def check_metadata_fits(
+    desc: ModelDescription,
+    health_check: Mapping[str, Any],
+    drift_reference: Mapping[str, Any] | None,
+) -> None:
+    """The health check and drift reference must name this model's inputs and outputs.
+
+    Raises:
+        ModelFileError: they were made for another model (e.g. a stale
+            ``health_check.json`` beside the model file).
+    """
+    inputs = sorted(t.name for t in desc.inputs)
+    outputs = {t.name for t in desc.outputs}
+    hc = health_check
+    if hc:
+        golden = hc.get("inputs")
+        if isinstance(golden, Mapping) and sorted(golden) != inputs:
+            raise ModelFileError(
+                f"health_check inputs {sorted(golden)} are not the model's inputs {inputs}: "
+                "the health check was made for another model"
+            )
+        expected = hc.get("expected_outputs")
+        if isinstance(expected, Mapping) and not set(expected) <= outputs:
+            raise ModelFileError(
+                f"health_check expected_outputs {sorted(set(expected) - outputs)} are not "
+                f"outputs of the model ({sorted(outputs)})"
+            )
+    for group in ("features", "channels"):
+        for entry in (drift_reference or {}).get(group) or ():
+            if isinstance(entry, Mapping) and entry.get("input") not in inputs:
+                raise ModelFileError(
+                    f"drift_reference {group} entry for input {entry.get('input')!r}: "
+                    f"the model's inputs are {inputs}"
+                )
+
+
 def build_bundle(
     model: bytes,
     options: BuildOptions,
@@ -227,6 +264,7 @@ def build_bundle(
         OSError: writing failed; ``out`` is untouched.
     """
     desc = describe_model(model)
+    check_metadata_fits(desc, options.health_check, options.drift_reference)
     created = now or utcnow()
     raw_sha = hashlib.sha256(model).hexdigest()
     stored = model

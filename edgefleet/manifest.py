@@ -47,6 +47,8 @@ __all__ = [
     "Targets",
     "TensorSpec",
     "parse_version",
+    "validate_drift_reference",
+    "validate_health_check",
     "validate_model_name",
     "validate_payload_path",
 ]
@@ -400,6 +402,24 @@ def _check_drift(d: Any) -> dict[str, Any] | None:
         for i, item in enumerate(items):
             _check_profile_entry(item, f"drift_reference.{group}[{i}]", bins)
     return d
+
+
+def validate_health_check(d: Any, *, max_golden_bytes: int = 2**20) -> dict[str, Any]:
+    """Return ``d`` if it is a valid ``health_check`` (``{}`` means none).
+
+    Raises:
+        MalformedBundleError: naming the first problem.
+    """
+    return _check_health(d, max_golden_bytes)
+
+
+def validate_drift_reference(d: Any) -> dict[str, Any] | None:
+    """Return ``d`` if it is a valid ``drift_reference`` (``None`` means none).
+
+    Raises:
+        MalformedBundleError: naming the first problem.
+    """
+    return _check_drift(d)
 
 
 @dataclass(frozen=True)
