@@ -127,7 +127,7 @@ def _detail(text: str) -> dict[str, object]:
     # An edited row may hold anything; show it rather than fail the listing.
     try:
         value = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         return {"unparseable": text[:1000]}
     return value if isinstance(value, dict) else {"value": value}
 

@@ -87,6 +87,14 @@ def submit_version(
     model: Annotated[UploadFile, File(description="*.onnx or *.pt2")],
     calib: Annotated[UploadFile | None, File(description="CALIB .npz")] = None,
     eval: Annotated[UploadFile | None, File(description="EVAL .npz (may hold labels)")] = None,
+    health_check: Annotated[
+        UploadFile | None,
+        File(description="health_check.json from 'edgefleet compress' (compress=false only)"),
+    ] = None,
+    drift_reference: Annotated[
+        UploadFile | None,
+        File(description="drift_reference.json from 'edgefleet compress' (compress=false only)"),
+    ] = None,
     version: Annotated[int | None, Form(ge=1, le=2**53 - 1)] = None,
     compress: Annotated[bool, Form()] = False,
     signing: Annotated[Literal["online", "offline"], Form()] = "online",
@@ -102,7 +110,7 @@ def submit_version(
     """Upload a model (and CALIB/EVAL) and queue its build; poll the returned job."""
     try:
         card = json.loads(model_card or "{}")
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested too deeply
         raise InvalidInputError(f"model_card is not JSON: {exc}") from None
     if not isinstance(card, dict):
         raise InvalidInputError("model_card must be a JSON object")
@@ -127,6 +135,8 @@ def submit_version(
         filename=model.filename or "",
         calib=calib.file if calib else None,
         eval_data=eval.file if eval else None,
+        health_check=health_check.file if health_check else None,
+        drift_reference=drift_reference.file if drift_reference else None,
         options=options,
         actor=principal.actor,
     )
