@@ -94,7 +94,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     pub.add_argument(
         "--no-compress",
         action="store_true",
-        help="bundle the ONNX model as is (default when no --calib is given)",
+        help="bundle the ONNX model as is (default when no --calib is given); "
+        "health_check.json and drift_reference.json beside the model (as 'edgefleet "
+        "compress' writes them) go into the bundle",
+    )
+    pub.add_argument(
+        "--health-check",
+        type=Path,
+        default=None,
+        help="health_check.json to use instead of the one beside the model (no compression)",
+    )
+    pub.add_argument(
+        "--drift-reference",
+        type=Path,
+        default=None,
+        help="drift_reference.json to use instead of the one beside the model (no compression)",
     )
     pub.add_argument("--max-drop", type=float, default=None, help="allowed metric drop (0.01)")
     pub.add_argument("--signing", choices=["online", "offline"], default="online")
@@ -445,10 +459,31 @@ def _tokens_revoke(args: argparse.Namespace) -> int:
 
 
 def _publish(args: argparse.Namespace) -> int:
-    for path in (args.model, args.calib, args.eval_data, args.model_card):
+    paths = (
+        args.model, args.calib, args.eval_data, args.model_card, args.health_check,
+        args.drift_reference,
+    )  # fmt: skip
+    for path in paths:
         if path is not None and not path.is_file():
             return emit_error("FileNotFoundError", 1, f"{path} does not exist", args.json)
     compress = args.calib is not None and not args.no_compress
+    metadata: dict[str, Path | None] = {"health_check": None, "drift_reference": None}
+    if compress:
+        if args.health_check or args.drift_reference:
+            return emit_error(
+                "UsageError",
+                2,
+                "--health-check and --drift-reference apply without compression; "
+                "a compression job makes its own",
+                args.json,
+            )
+    else:  # what 'edgefleet compress' wrote beside the model, unless given explicitly
+        for key, given in (
+            ("health_check", args.health_check),
+            ("drift_reference", args.drift_reference),
+        ):
+            beside = args.model.parent / f"{key}.json"
+            metadata[key] = given or (beside if beside.is_file() else None)
     form: dict[str, str] = {"compress": "true" if compress else "false", "signing": args.signing}
     if args.version is not None:
         form["version"] = str(args.version)
@@ -474,6 +509,7 @@ def _publish(args: argparse.Namespace) -> int:
             calib=args.calib if compress else None,
             eval_data=args.eval_data if compress else None,
             form=form,
+            **metadata,
         )
         job = result["job"]
         if args.wait:

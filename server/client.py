@@ -99,12 +99,19 @@ class ApiClient:
         calib: Path | None,
         eval_data: Path | None,
         form: dict[str, str],
+        health_check: Path | None = None,
+        drift_reference: Path | None = None,
     ) -> dict[str, Any]:
         with open(model, "rb") as mf:
             files: dict[str, Any] = {"model": (model.name, mf, "application/octet-stream")}
             handles = []
             try:
-                for key, path in (("calib", calib), ("eval", eval_data)):
+                for key, path in (
+                    ("calib", calib),
+                    ("eval", eval_data),
+                    ("health_check", health_check),
+                    ("drift_reference", drift_reference),
+                ):
                     if path is not None:
                         fh = open(path, "rb")  # noqa: SIM115 - closed below
                         handles.append(fh)

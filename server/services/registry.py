@@ -297,6 +297,55 @@ def _check_npz(path: Path, what: str) -> None:
             raise InvalidInputError(f"{what} must be a NumPy .npz archive (numpy.savez)")
 
 
+_METADATA_MAX_BYTES = 16 << 20  # bytes of one uploaded health_check / drift_reference JSON
+
+
+def _store_metadata(
+    upload_dir: Path,
+    source: Path,
+    health_check: IO[bytes] | None,
+    drift_reference: IO[bytes] | None,
+) -> None:
+    """Validate the uploaded health check / drift reference and keep them for the build.
+
+    They must fit the manifest schema and name the model's own inputs and
+    outputs, so a mismatch is refused now rather than by the build job.
+
+    Raises:
+        InvalidInputError: naming the file and the problem.
+        PayloadTooLargeError: a file is larger than 16 MiB.
+    """
+    from edgefleet.build import ModelFileError, check_metadata_fits, describe_model
+    from edgefleet.errors import MalformedBundleError
+    from edgefleet.manifest import validate_drift_reference, validate_health_check
+
+    found: dict[str, Any] = {}
+    for key, upload, validate in (
+        ("health_check", health_check, validate_health_check),
+        ("drift_reference", drift_reference, validate_drift_reference),
+    ):
+        if upload is None:
+            continue
+        path = upload_dir / f"{key}.json"
+        _copy_limited(upload, path, _METADATA_MAX_BYTES, key)
+        try:
+            value = json.loads(path.read_bytes())
+            if not isinstance(value, dict):
+                raise ValueError("must be a JSON object")
+            found[key] = validate(value)
+        except (ValueError, RecursionError, MalformedBundleError) as exc:  # ValueError: not JSON
+            raise InvalidInputError(f"{key}: {exc}") from None
+    if found:
+        try:
+            check_metadata_fits(
+                describe_model(source.read_bytes()),
+                found.get("health_check") or {},
+                found.get("drift_reference"),
+            )
+        except ModelFileError as exc:
+            raise InvalidInputError(str(exc)) from None
+
+
 def submit_version(
     session: Session,
     settings: Settings,
@@ -309,11 +358,18 @@ def submit_version(
     eval_data: IO[bytes] | None,
     options: VersionOptions,
     actor: str,
+    health_check: IO[bytes] | None = None,
+    drift_reference: IO[bytes] | None = None,
 ) -> tuple[ModelVersion, Job]:
     """Validate and store an upload, create the version and its build job, commit.
 
+    ``health_check`` and ``drift_reference`` are the JSON files ``edgefleet
+    compress`` writes beside a model; they go into the bundle of a model
+    uploaded with ``compress=false`` (a compression job makes its own).
+
     Raises:
-        InvalidInputError: bad name, options, model file or data files.
+        InvalidInputError: bad name, options, model file, data files, health
+            check or drift reference (or one of those with ``compress=true``).
         ConflictError: the version exists (versions are immutable).
         PayloadTooLargeError: a file is larger than ``max_upload_bytes``.
         UnavailableError: online signing asked for but no release key is set.
@@ -327,6 +383,11 @@ def submit_version(
         )
     if options.compress and (calib is None or eval_data is None):
         raise InvalidInputError("compress=true needs both CALIB (calib) and EVAL (eval) .npz files")
+    if options.compress and (health_check is not None or drift_reference is not None):
+        raise InvalidInputError(
+            "health_check and drift_reference come from the compression job with "
+            "compress=true; upload them only with compress=false"
+        )
     if options.signing == "online" and settings.release_key is None:
         raise UnavailableError(
             "this server holds no online release key (EDGEFLEET_RELEASE_KEY): upload with "
@@ -365,6 +426,7 @@ def submit_version(
         if eval_data is not None:
             _copy_limited(eval_data, upload_dir / "eval.npz", settings.max_upload_bytes, "EVAL")
             _check_npz(upload_dir / "eval.npz", "EVAL")
+        _store_metadata(upload_dir, source, health_check, drift_reference)
         now = _now()
         if model_row is None:
             model_row = Model(
@@ -587,7 +649,12 @@ def run_build(
         BuildError: with the message the user sees (the caller marks the job
             and the version failed).
     """
-    from edgefleet.build import BuildOptions, ModelFileError, build_bundle
+    from edgefleet.build import (
+        BuildOptions,
+        ModelFileError,
+        build_bundle,
+        load_compression_outputs,
+    )
 
     with session_factory() as session, session.begin():
         job = session.get(Job, job_id)
@@ -612,8 +679,14 @@ def run_build(
         else:
             try:
                 model_bytes = (upload / "source.onnx").read_bytes()
+                # health_check.json / drift_reference.json uploaded with it (validated then)
+                extras = {
+                    k: v
+                    for k, v in load_compression_outputs(upload).items()
+                    if k in ("health_check", "drift_reference")
+                }
             except OSError as exc:
-                raise BuildError(f"the uploaded model is gone from storage: {exc}") from exc
+                raise BuildError(f"the uploaded files are gone from storage: {exc}") from exc
         progress("building", 0.8, "writing the bundle")
         card = _card(inp, report)
         lineage = _lineage(inp, job_id, extras)

@@ -219,6 +219,24 @@ def npz(**arrays: Any) -> bytes:
     return buf.getvalue()
 
 
+def model_metadata(model: bytes, rows: int = 64) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``health_check`` and ``drift_reference`` for ``onnx_model()``, as ``compress`` makes them."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from compression.config import HealthCheckConfig
+    from compression.profiles import drift_reference, health_check
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(rows, 4)).astype("float32")
+    session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    (y,) = session.run(None, {"x": x[:4]})
+    return (
+        health_check({"x": x[:4]}, {"y": y}, 0.05, False, HealthCheckConfig()),
+        drift_reference({"x": x}),
+    )
+
+
 def upload(
     api: Api,
     name: str,

@@ -16,7 +16,7 @@ from edgefleet.messages import ModelRef, TelemetryRecord
 from server.models import AuditEntry
 from server.services import telemetry
 from tests.mosquitto import free_port
-from tests.server.conftest import Api, Keys, make_api, make_settings, onnx_model
+from tests.server.conftest import Api, Keys, make_api, make_settings, model_metadata, onnx_model
 
 
 class LiveServer:
@@ -95,6 +95,42 @@ def test_publish_wait_and_models_ls(live: LiveServer, tmp_path: Path, capsys) ->
         capsys, live, "publish", str(model), "--name", "tiny", "--version", "2", role="publisher"
     )
     assert code == 1 and out["status"] == 409 and "immutable" in out["message"]
+
+
+def test_publish_carries_compress_outputs_beside_the_model(
+    live: LiveServer, tmp_path: Path, capsys
+) -> None:
+    """`edgefleet compress` leaves health_check.json and drift_reference.json beside the model."""
+    from edgefleet.bundle import read_header
+
+    out_dir = tmp_path / "compressed"
+    out_dir.mkdir()
+    model = out_dir / "model.onnx"
+    model.write_bytes(onnx_model())
+    hc, drift = model_metadata(onnx_model())
+    (out_dir / "health_check.json").write_text(json.dumps(hc))
+    (out_dir / "drift_reference.json").write_text(json.dumps(drift))
+    code, out = run(
+        capsys, live, "publish", str(model), "--name", "local", "--wait", role="publisher"
+    )
+    assert code == 0, out
+    r = live.api.get("/api/v1/models/local/versions/1/bundle", role="viewer")
+    manifest = read_header(r.content).manifest()
+    assert manifest.health_check == hc and manifest.drift_reference == drift
+
+    # An explicit file wins over the one beside the model; it must fit the model.
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({**hc, "inputs": {"z": hc["inputs"]["x"]}}))
+    code, out = run(
+        capsys, live, "publish", str(model), "--name", "local", "--health-check", str(other),
+        role="publisher",
+    )  # fmt: skip
+    assert code == 1 and out["status"] == 422 and "not the model's inputs" in out["message"]
+    code, out = run(
+        capsys, live, "publish", str(model), "--name", "local", "--calib", str(other),
+        "--eval", str(other), "--health-check", str(other), role="publisher",
+    )  # fmt: skip
+    assert code == 2 and "apply without compression" in out["message"]
 
 
 def test_offline_signing_cli(tmp_path: Path, db_url: str, keys: Keys, engine, capsys) -> None:

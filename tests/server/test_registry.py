@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -14,7 +15,16 @@ from edgefleet.keys import load_signing_key
 from edgefleet.manifest import DeviceFacts
 from edgefleet.trust import TrustRoot
 from server.settings import Settings
-from tests.server.conftest import Api, Keys, make_api, make_settings, onnx_model, run_jobs, upload
+from tests.server.conftest import (
+    Api,
+    Keys,
+    make_api,
+    make_settings,
+    model_metadata,
+    onnx_model,
+    run_jobs,
+    upload,
+)
 
 
 def _verify(api: Api, name: str, version: int, trust_root: Path) -> bytes:
@@ -91,6 +101,7 @@ def test_conflict_while_queued_409(api: Api) -> None:
         ("model.onnx", None, {"device_classes": "bad/class"}, "invalid name"),
         ("model.onnx", None, {"model_card": "[1, 2]"}, "JSON object"),
         ("model.onnx", None, {"model_card": "{nope"}, "not JSON"),
+        ("model.onnx", None, {"model_card": "[" * 60000}, "not JSON"),  # was a 500
         ("model.onnx", b"", {}, "empty"),
         ("model.onnx", None, {"description": "a\x00b"}, "NUL"),
     ],
@@ -109,6 +120,70 @@ def test_bad_upload_rejected_with_reason(
     assert api.get("/api/v1/models/good/versions/2", role="viewer").status_code == 404
     assert api.get("/api/v1/models/good/versions/1", role="viewer").json() == before
     assert not list((api.settings.uploads_dir / "good").glob("*/source.bin"))
+
+
+def _json_file(name: str, value: object) -> tuple[str, bytes, str]:
+    raw = value if isinstance(value, bytes) else json.dumps(value).encode()
+    return (name, raw, "application/json")
+
+
+def test_uploaded_health_check_and_drift_reference_go_into_the_bundle(api: Api, keys: Keys) -> None:
+    """A model compressed locally keeps its health check and drift profile on publish."""
+    hc, drift = model_metadata(onnx_model())
+    files = {
+        "health_check": _json_file("health_check.json", hc),
+        "drift_reference": _json_file("drift_reference.json", drift),
+    }
+    r = upload(api, "local", onnx_model(), version=1, files=files)
+    assert r.status_code == 202, r.text
+    assert run_jobs(api) == 1
+    manifest = read_header(_verify(api, "local", 1, keys.trust_root)).manifest()
+    assert manifest.health_check == hc and manifest.drift_reference == drift
+    # Without them the bundle has neither (as before).
+    assert upload(api, "local", onnx_model(), version=2).status_code == 202
+    run_jobs(api)
+    bare = read_header(_verify(api, "local", 2, keys.trust_root)).manifest()
+    assert bare.health_check == {} and bare.drift_reference is None
+
+
+def _bad_metadata() -> list[tuple[str, object, str]]:
+    hc, drift = model_metadata(onnx_model())
+    other_input = {**hc, "inputs": {"z": hc["inputs"]["x"]}}
+    other_output = {**hc, "expected_outputs": {"logits": hc["expected_outputs"]["y"]}}
+    renamed = {**drift, "features": [{**drift["features"][0], "input": "z"}]}
+    short = {**drift, "features": [{**drift["features"][0], "edges": [0.0]}]}
+    return [
+        ("health_check", b"{nope", "health_check: "),
+        ("health_check", b"[" * 100_000, "health_check: "),  # too deep: RecursionError
+        ("health_check", {"inputs": {}}, "health_check needs exactly"),
+        ("health_check", other_input, "not the model's inputs"),
+        ("health_check", other_output, "not outputs of the model"),
+        ("drift_reference", b"null", "must be a JSON object"),
+        ("drift_reference", renamed, "entry for input 'z'"),
+        ("drift_reference", short, "ascending numbers"),
+    ]
+
+
+@pytest.mark.parametrize(("key", "value", "needle"), _bad_metadata())
+def test_bad_health_check_or_drift_reference_rejected_with_reason(
+    api: Api, key: str, value: object, needle: str
+) -> None:
+    r = upload(api, "meta", onnx_model(), version=1, files={key: _json_file(f"{key}.json", value)})
+    assert r.status_code == 422, r.text
+    assert needle in r.json()["detail"], r.json()["detail"]
+    assert api.get("/api/v1/models/meta/versions/1", role="viewer").status_code == 404
+    assert not [p for p in (api.settings.uploads_dir / "meta").glob("*") if p.is_dir()]
+
+
+def test_health_check_with_compression_is_refused(api: Api) -> None:
+    hc, _ = model_metadata(onnx_model())
+    files = {
+        "calib": ("calib.npz", b"PK\x03\x04", "application/octet-stream"),
+        "eval": ("eval.npz", b"PK\x03\x04", "application/octet-stream"),
+        "health_check": _json_file("health_check.json", hc),
+    }
+    r = upload(api, "meta", onnx_model(), compress=True, files=files)
+    assert r.status_code == 422 and "come from the compression job" in r.json()["detail"]
 
 
 def test_bad_model_name_rejected(api: Api) -> None:
