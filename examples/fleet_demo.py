@@ -251,14 +251,23 @@ class Fleet:
         return r.json()
 
     def publish_model(self, model: Path, name: str, version: int) -> dict[str, Any]:
-        """Upload an ONNX model, wait for its signed bundle, return the version."""
-        with open(model, "rb") as fh:
-            submitted = self.api(
-                "POST",
-                f"/models/{name}/versions",
-                files={"model": ("model.onnx", fh, "application/octet-stream")},
-                data={"version": str(version), "device_classes": DEVICE_CLASS},
-            )
+        """Upload an ONNX model, wait for its signed bundle, return the version.
+
+        The ``health_check.json`` and ``drift_reference.json`` that ``edgefleet
+        compress`` wrote beside the model go with it (golden-output checks on
+        install, drift histograms in telemetry).
+        """
+        files: dict[str, Any] = {"model": ("model.onnx", model.read_bytes())}
+        for key in ("health_check", "drift_reference"):
+            beside = model.parent / f"{key}.json"
+            if beside.is_file():
+                files[key] = (beside.name, beside.read_bytes(), "application/json")
+        submitted = self.api(
+            "POST",
+            f"/models/{name}/versions",
+            files=files,
+            data={"version": str(version), "device_classes": DEVICE_CLASS},
+        )
         job_id = submitted["job"]["id"]
         job = wait_for(
             f"build job {job_id}",
@@ -426,9 +435,25 @@ def example_inputs(model: Path, rows: int, seed: int) -> dict[str, Any]:
 
 
 def tiny_model(path: Path) -> Path:
+    """A tiny classifier, with the health check and drift reference compress would write."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from compression.config import HealthCheckConfig
+    from compression.profiles import drift_reference, health_check
     from examples.tiny_model import make_linear_model
 
     path.write_bytes(make_linear_model(features=8, classes=3))
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    calib = np.random.default_rng(0).normal(size=(256, 8)).astype(np.float32)
+    golden = {name: calib[:4]}
+    outputs = dict(
+        zip((o.name for o in session.get_outputs()), session.run(None, golden), strict=True)
+    )
+    spec = health_check(golden, outputs, 1.0, False, HealthCheckConfig())
+    (path.parent / "health_check.json").write_text(json.dumps(spec))
+    (path.parent / "drift_reference.json").write_text(json.dumps(drift_reference({name: calib})))
     return path
 
 
@@ -497,7 +522,7 @@ def run_demo(workdir: Path, bundle_model: Path | None, *, devices: int = 3) -> d
         audit = fleet.api("GET", "/audit/verify")
         table = Table(title="fleet", title_justify="left")
         for col in ("device", "online", "model", "last update", "telemetry records",
-                    "predictions", "latency p50 ms"):  # fmt: skip
+                    "predictions", "latency p50 ms", "drift histograms"):  # fmt: skip
             table.add_column(col)
         summary: dict[str, Any] = {"devices": {}}
         for d in devices_now:
@@ -505,6 +530,8 @@ def run_demo(workdir: Path, bundle_model: Path | None, *, devices: int = 3) -> d
             served = [r for r in records if r["record"]["latency_ms"]]
             p50 = served[0]["record"]["latency_ms"]["p50"] if served else None
             npred = sum(r["predictions"] for r in records)
+            # One histogram per input feature over the drift reference's bins.
+            histograms = max((len(r["record"]["features"]) for r in records), default=0)
             table.add_row(
                 d["id"],
                 "yes" if d["online"] else "no",
@@ -513,12 +540,14 @@ def run_demo(workdir: Path, bundle_model: Path | None, *, devices: int = 3) -> d
                 str(len(records)),
                 str(npred),
                 "-" if p50 is None else f"{p50:.2f}",
+                str(histograms),
             )
             summary["devices"][d["id"]] = {
                 "model": d["model"],
                 "model_version": d["model_version"],
                 "telemetry_records": len(records),
                 "predictions": npred,
+                "feature_histograms": histograms,
             }
         console.print(table)
         say(

@@ -21,5 +21,7 @@ def test_fleet_demo_installs_reports_and_leaves_nothing_running(tmp_path: Path) 
     for device in summary["devices"].values():
         assert (device["model"], device["model_version"]) == ("tiny", 1)
         assert device["telemetry_records"] >= 1 and device["predictions"] >= 5
+        # The drift reference published with the model reached the devices.
+        assert device["feature_histograms"] == 8
     assert summary["seconds"] < 90
     assert _our_processes(workdir) == []
