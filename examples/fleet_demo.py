@@ -521,8 +521,9 @@ def run_demo(workdir: Path, bundle_model: Path | None, *, devices: int = 3) -> d
         devices_now = fleet.api("GET", "/devices")["devices"]
         audit = fleet.api("GET", "/audit/verify")
         table = Table(title="fleet", title_justify="left")
-        for col in ("device", "online", "model", "last update", "telemetry records",
-                    "predictions", "latency p50 ms", "drift histograms"):  # fmt: skip
+        # records: telemetry windows stored; histograms: drift histograms per record.
+        for col in ("device", "online", "model", "last update", "records",
+                    "predictions", "p50 ms", "histograms"):  # fmt: skip
             table.add_column(col)
         summary: dict[str, Any] = {"devices": {}}
         for d in devices_now:
