@@ -25,7 +25,8 @@ from typing import Any
 
 import zstandard
 
-from edgefleet.bundle import sign_manifest, write_bundle_file
+from edgefleet.bundle import VerifierLimits, sign_manifest, write_bundle_file
+from edgefleet.errors import MalformedBundleError
 from edgefleet.keys import SigningKey
 from edgefleet.manifest import (
     DTYPE_SIZES,
@@ -33,6 +34,8 @@ from edgefleet.manifest import (
     PayloadEntry,
     Targets,
     TensorSpec,
+    validate_drift_reference,
+    validate_health_check,
     validate_model_name,
 )
 from edgefleet.timeutil import utcnow
@@ -205,35 +208,61 @@ def check_metadata_fits(
     health_check: Mapping[str, Any],
     drift_reference: Mapping[str, Any] | None,
 ) -> None:
-    """The health check and drift reference must name this model's inputs and outputs.
+    """The health check and drift reference must be made for this model.
+
+    Call it on metadata that passed ``validate_health_check`` /
+    ``validate_drift_reference``. Golden inputs must be exactly the model's
+    inputs, with their element types, ranks and fixed dimensions; expected
+    outputs must be outputs of the model, likewise; drift entries must name
+    model inputs. A device would otherwise fail every install of the bundle.
 
     Raises:
         ModelFileError: they were made for another model (e.g. a stale
             ``health_check.json`` beside the model file).
     """
-    inputs = sorted(t.name for t in desc.inputs)
-    outputs = {t.name for t in desc.outputs}
-    hc = health_check
-    if hc:
-        golden = hc.get("inputs")
-        if isinstance(golden, Mapping) and sorted(golden) != inputs:
+    inputs = {t.name: t for t in desc.inputs}
+    outputs = {t.name: t for t in desc.outputs}
+    if health_check:
+        golden = health_check["inputs"]
+        if sorted(golden) != sorted(inputs):
             raise ModelFileError(
-                f"health_check inputs {sorted(golden)} are not the model's inputs {inputs}: "
-                "the health check was made for another model"
+                f"health_check inputs {sorted(golden)} are not the model's inputs "
+                f"{sorted(inputs)}: the health check was made for another model"
             )
-        expected = hc.get("expected_outputs")
-        if isinstance(expected, Mapping) and not set(expected) <= outputs:
+        expected = health_check["expected_outputs"]
+        if not set(expected) <= set(outputs):
             raise ModelFileError(
-                f"health_check expected_outputs {sorted(set(expected) - outputs)} are not "
+                f"health_check expected_outputs {sorted(set(expected) - set(outputs))} are not "
                 f"outputs of the model ({sorted(outputs)})"
             )
+        for group, specs, arrays in (("inputs", inputs, golden), ("expected_outputs", outputs,
+                                                                 expected)):  # fmt: skip
+            for name, array in arrays.items():
+                _check_array_fits(f"health_check.{group}.{name}", array, specs[name])
     for group in ("features", "channels"):
         for entry in (drift_reference or {}).get(group) or ():
-            if isinstance(entry, Mapping) and entry.get("input") not in inputs:
+            if entry["input"] not in inputs:
                 raise ModelFileError(
-                    f"drift_reference {group} entry for input {entry.get('input')!r}: "
-                    f"the model's inputs are {inputs}"
+                    f"drift_reference {group} entry for input {entry['input']!r}: "
+                    f"the model's inputs are {sorted(inputs)}"
                 )
+
+
+def _check_array_fits(what: str, array: Mapping[str, Any], spec: TensorSpec) -> None:
+    shape = array["shape"]
+    fixed = [
+        (i, dim) for i, dim in enumerate(spec.shape) if isinstance(dim, int) and dim > 0
+    ]  # symbolic or unknown dimensions accept any size
+    if (
+        array["dtype"] != spec.dtype
+        or len(shape) != len(spec.shape)
+        or any(shape[i] != dim for i, dim in fixed)
+    ):
+        declared = [d if isinstance(d, int) and d > 0 else "?" for d in spec.shape]
+        raise ModelFileError(
+            f"{what} is {array['dtype']} {shape}, but the model declares {spec.dtype} "
+            f"{declared}: the health check was made for another model"
+        )
 
 
 def build_bundle(
@@ -264,7 +293,13 @@ def build_bundle(
         OSError: writing failed; ``out`` is untouched.
     """
     desc = describe_model(model)
-    check_metadata_fits(desc, options.health_check, options.drift_reference)
+    check_metadata_fits(
+        desc,
+        validate_health_check(dict(options.health_check)),
+        validate_drift_reference(
+            None if options.drift_reference is None else dict(options.drift_reference)
+        ),
+    )
     created = now or utcnow()
     raw_sha = hashlib.sha256(model).hexdigest()
     stored = model
@@ -310,6 +345,12 @@ def build_bundle(
     # manifest the device would refuse.
     manifest = Manifest.from_dict(manifest_dict)
     manifest_bytes = manifest.to_bytes()
+    limit = VerifierLimits().max_manifest_bytes
+    if len(manifest_bytes) > limit:
+        raise MalformedBundleError(
+            f"manifest: {len(manifest_bytes)} bytes, above the {limit} devices accept: the "
+            "health check's golden arrays, the drift reference or the model card are too large"
+        )
     with tempfile.SpooledTemporaryFile(max_size=64 << 20) as spool:
         spool.write(stored)
         spool.seek(0)

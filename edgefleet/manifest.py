@@ -346,6 +346,19 @@ def _check_array(spec: Any, what: str, max_bytes: int) -> None:
         raise _fail(f"{what}: {len(raw)} data bytes for shape {shape} {spec['dtype']} ({count})")
 
 
+def _finite(value: Any, what: str, lo: float = -math.inf, hi: float = math.inf) -> float:
+    """A JSON number that is finite and in ``[lo, hi]`` (an int too large for a float fails)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise _fail(f"{what} must be a number")
+    try:
+        f = float(value)
+    except OverflowError:
+        f = math.inf
+    if not math.isfinite(f) or not lo <= f <= hi:
+        raise _fail(f"{what} must be a finite number in [{lo}, {hi}]")
+    return f
+
+
 def _check_health(d: Any, max_bytes: int) -> dict[str, Any]:
     d = _obj(d, "health_check")
     if not d:
@@ -360,33 +373,45 @@ def _check_health(d: Any, max_bytes: int) -> dict[str, Any]:
         for name, spec in arrays.items():
             _check_array(spec, f"health_check.{group}.{name}", max_bytes)
     tol = _obj(d["tolerance"], "health_check.tolerance")
-    if set(tol) != {"atol", "rtol"} or not all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in tol.values()
-    ):
-        raise _fail("health_check.tolerance needs non-negative atol and rtol")
-    budget = d["latency_budget_ms"]
-    if not isinstance(budget, (int, float)) or isinstance(budget, bool) or budget <= 0:
+    if set(tol) != {"atol", "rtol"}:
+        raise _fail("health_check.tolerance needs exactly atol and rtol")
+    for key in ("atol", "rtol"):
+        _finite(tol[key], f"health_check.tolerance.{key}", 0.0)
+    if _finite(d["latency_budget_ms"], "health_check.latency_budget_ms", 0.0) <= 0:
         raise _fail("health_check.latency_budget_ms must be a positive number")
     return d
 
 
-def _check_profile_entry(e: Any, what: str, bins: int) -> None:
+# The keys of one drift-reference entry (as ``edgefleet compress`` writes them); the
+# bounds match what a telemetry record may carry (``edgefleet.messages``).
+_PROFILE_KEYS = {
+    "features": {"input", "index", "name", "edges", "expected"},
+    "channels": {"input", "channel", "mean", "std", "edges", "expected"},
+}
+
+
+def _check_profile_entry(e: Any, what: str, group: str, bins: int) -> None:
     e = _obj(e, what)
-    edges, expected = e.get("edges"), e.get("expected")
-    nums = (int, float)
-    if (
-        not isinstance(edges, list)
-        or len(edges) != bins - 1
-        or not all(isinstance(x, nums) and not isinstance(x, bool) for x in edges)
-        or any(b < a for a, b in itertools.pairwise(edges))
-    ):
+    if set(e) != _PROFILE_KEYS[group]:
+        raise _fail(f"{what} needs exactly {sorted(_PROFILE_KEYS[group])}")
+    _str(e["input"], f"{what}.input")
+    if group == "features":
+        _int(e["index"], f"{what}.index", 0, 1 << 30)
+        _str(e["name"], f"{what}.name")
+    else:
+        _int(e["channel"], f"{what}.channel", 0, 1 << 20)
+        _finite(e["mean"], f"{what}.mean")
+        _finite(e["std"], f"{what}.std", 0.0)
+    edges, expected = e["edges"], e["expected"]
+    if not isinstance(edges, list) or len(edges) != bins - 1:
         raise _fail(f"{what}.edges must be {bins - 1} ascending numbers")
-    if (
-        not isinstance(expected, list)
-        or len(expected) != bins
-        or not all(isinstance(x, nums) and not isinstance(x, bool) and x >= 0 for x in expected)
-        or abs(sum(expected) - 1.0) > 1e-6
-    ):
+    values = [_finite(x, f"{what}.edges[]") for x in edges]
+    if any(b < a for a, b in itertools.pairwise(values)):
+        raise _fail(f"{what}.edges must be {bins - 1} ascending numbers")
+    if not isinstance(expected, list) or len(expected) != bins:
+        raise _fail(f"{what}.expected must be {bins} non-negative proportions summing to 1")
+    shares = [_finite(x, f"{what}.expected[]", 0.0, 1.0) for x in expected]
+    if abs(math.fsum(shares) - 1.0) > 1e-6:
         raise _fail(f"{what}.expected must be {bins} non-negative proportions summing to 1")
 
 
@@ -394,13 +419,15 @@ def _check_drift(d: Any) -> dict[str, Any] | None:
     if d is None:
         return None
     d = _obj(d, "drift_reference")
+    if not set(d) <= {"bins", "features", "channels"}:
+        raise _fail("drift_reference has only bins, features and channels")
     bins = _int(d.get("bins"), "drift_reference.bins", 2, 100)
     for group in ("features", "channels"):
         items = d.get(group, [])
         if not isinstance(items, list) or len(items) > 4096:
             raise _fail(f"drift_reference.{group} must be a list of at most 4096 entries")
         for i, item in enumerate(items):
-            _check_profile_entry(item, f"drift_reference.{group}[{i}]", bins)
+            _check_profile_entry(item, f"drift_reference.{group}[{i}]", group, bins)
     return d
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -66,4 +67,91 @@ def test_metadata_for_another_model_is_refused(model: bytes, tmp_path: Path, whi
     out = tmp_path / "bad.efb"
     with pytest.raises(ModelFileError, match="other"):
         build_bundle(model, opts, [], out)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("golden", "needle"),
+    [
+        ({"dtype": "float64", "shape": [1, 8]}, "float64"),  # the model takes float32
+        ({"dtype": "float32", "shape": [1, 5]}, "[1, 5]"),  # 8 features
+        ({"dtype": "float32", "shape": [8]}, "[8]"),  # rank 1 for a rank-2 input
+    ],
+)
+def test_golden_arrays_must_match_the_declared_inputs(
+    model: bytes, tmp_path: Path, golden: dict[str, object], needle: str
+) -> None:
+    import base64
+    import math
+
+    desc = describe_model(model)
+    x, y = desc.inputs[0].name, desc.outputs[0].name
+    size = math.prod(golden["shape"]) * (8 if golden["dtype"] == "float64" else 4)  # type: ignore[arg-type]
+    array = {**golden, "data_b64": base64.b64encode(b"\0" * size).decode()}
+    opts = BuildOptions(name="tiny", version=1, health_check=_health({x: array}, {y: _array(3)}))
+    with pytest.raises(ModelFileError, match=re.escape(needle)):
+        build_bundle(model, opts, [], tmp_path / "bad.efb")
+
+
+def test_schema_is_checked_before_fit(model: bytes, tmp_path: Path) -> None:
+    from edgefleet.errors import MalformedBundleError
+
+    opts = BuildOptions(name="tiny", version=1, drift_reference={"bins": 10, "features": 5})
+    with pytest.raises(MalformedBundleError, match="features must be a list"):
+        build_bundle(model, opts, [], tmp_path / "bad.efb")
+
+
+def _entry(**changes: object) -> dict[str, object]:
+    entry = _drift("x")["features"][0]  # type: ignore[index]
+    entry = {**entry, **changes}  # type: ignore[dict-item]
+    return {k: v for k, v in entry.items() if v is not _DROP}
+
+
+_DROP = object()
+
+
+@pytest.mark.parametrize(
+    ("entry", "needle"),
+    [
+        (_entry(expected=[10**400] + [0] * 9), "finite number"),  # was an OverflowError
+        (_entry(edges=[float("nan")] * 9), "finite number"),
+        (_entry(edges=[float("inf")] + [1.0] * 8), "finite number"),
+        (_entry(index=_DROP), "needs exactly"),  # the agent reads it
+        (_entry(index="zz"), "index must be an integer"),
+        (_entry(name="n" * 257), "name must be a string"),  # telemetry carries it
+        (_entry(extra={"deep": [[[]]]}), "needs exactly"),
+        (_entry(expected=[0.5, 0.5, 0.5] + [0.0] * 7), "summing to 1"),
+    ],
+)
+def test_drift_reference_entries_are_strict(entry: dict[str, object], needle: str) -> None:
+    from edgefleet.errors import MalformedBundleError
+    from edgefleet.manifest import validate_drift_reference
+
+    with pytest.raises(MalformedBundleError, match=needle):
+        validate_drift_reference({"bins": 10, "features": [entry], "channels": []})
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("atol", float("nan")), ("rtol", float("inf")), ("atol", 10**400), ("atol", -1)],
+)
+def test_health_check_tolerances_are_finite(key: str, value: object) -> None:
+    from edgefleet.errors import MalformedBundleError
+    from edgefleet.manifest import validate_health_check
+
+    hc = _health({"x": _array(8)}, {"y": _array(3)})
+    hc["tolerance"] = {"atol": 1e-4, "rtol": 1e-3, key: value}
+    with pytest.raises(MalformedBundleError, match="finite number"):
+        validate_health_check(hc)
+
+
+def test_a_manifest_devices_would_refuse_for_size_is_not_written(
+    model: bytes, tmp_path: Path
+) -> None:
+    from edgefleet.errors import MalformedBundleError
+
+    card = {"notes": "x" * (1 << 20)}  # a model card alone over the 1 MiB manifest limit
+    out = tmp_path / "big.efb"
+    with pytest.raises(MalformedBundleError, match="above the 1048576 devices accept"):
+        build_bundle(model, BuildOptions(name="tiny", version=1, model_card=card), [], out)
     assert not out.exists()
