@@ -272,6 +272,9 @@ class HealthCheckConfig:
 
     Attributes:
         golden_rows: EVAL rows used as golden inputs, in [1, 64].
+        golden_max_bytes: Fewer golden rows when their inputs would exceed this
+            many bytes (at least one row): golden data travels base64-encoded in
+            the manifest, which devices cap at 1 MiB. In [1 KiB, 512 KiB].
         atol_fraction_float: Fraction of the output scale for fp32/fp16 models.
         atol_fraction_int8: Fraction of the output scale for int8 models.
         atol_floor: Smallest atol (absolute output units).
@@ -281,6 +284,7 @@ class HealthCheckConfig:
     """
 
     golden_rows: int = 8
+    golden_max_bytes: int = 256 << 10
     atol_fraction_float: float = 1e-3
     atol_fraction_int8: float = 2e-2
     atol_floor: float = 1e-4
@@ -290,6 +294,7 @@ class HealthCheckConfig:
 
     def __post_init__(self) -> None:
         _check_range("golden_rows", self.golden_rows, 1, 64)
+        _check_range("golden_max_bytes", self.golden_max_bytes, 1 << 10, 512 << 10)
         _check_range("atol_fraction_float", self.atol_fraction_float, 0.0, 1.0)
         _check_range("atol_fraction_int8", self.atol_fraction_int8, 0.0, 1.0)
         _check_range("atol_floor", self.atol_floor, 0.0, 1.0)

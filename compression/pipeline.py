@@ -517,7 +517,15 @@ def _write_outputs(
     write_atomic(model_path, data)
 
     session = make_session(data, config.latency.threads)
-    golden_rows = min(config.health.golden_rows, batch_size_of(run.eval_inputs))
+    row_bytes = sum(a[:1].nbytes for a in run.eval_inputs.values())
+    golden_rows = max(
+        1,
+        min(
+            config.health.golden_rows,
+            batch_size_of(run.eval_inputs),
+            config.health.golden_max_bytes // max(row_bytes, 1),
+        ),
+    )
     golden = take_rows(run.eval_inputs, 0, golden_rows)
     golden_out = [np.asarray(o) for o in session.run(None, golden)]
     golden_latency = latency_p50_ms(session, golden, config.latency.runs, config.latency.warmup)

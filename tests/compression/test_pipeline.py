@@ -15,6 +15,7 @@ from compression import (
     ConfigError,
     GateError,
     GlobalMagnitudePruning,
+    HealthCheckConfig,
     Metric,
     MissingLabelsError,
     QuantMode,
@@ -202,12 +203,20 @@ def test_image_model_gets_channel_drift_profile(tmp_path):
     torch.manual_seed(0)
     cnn = TinyCNN().eval()
     x = np.random.default_rng(0).random((120, 2, 6, 6)).astype(np.float32)
+    # One row of x is 288 bytes: a 1 KiB golden budget keeps 3 of the 8 golden rows.
+    health = HealthCheckConfig(golden_max_bytes=1 << 10)
     result = compress(
-        cnn, {"x": x[:60]}, {"x": x[60:]}, tmp_path, config=fast_config(quant=QuantMode.FP16)
+        cnn,
+        {"x": x[:60]},
+        {"x": x[60:]},
+        tmp_path,
+        config=fast_config(quant=QuantMode.FP16, health=health),
     )
     drift = json.loads(result.drift_reference_path.read_text())
     assert drift["features"] == [] and [c["channel"] for c in drift["channels"]] == [0, 1]
     assert result.report["metric_name"] == "agreement"
+    golden = json.loads((tmp_path / "health_check.json").read_text())["inputs"]["x"]
+    assert golden["shape"] == [3, 2, 6, 6]
 
 
 def test_fine_tune_is_passed_the_pruned_module(tmp_path, mlp_arrays):
