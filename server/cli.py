@@ -110,6 +110,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="drift_reference.json to use instead of the one beside the model (no compression)",
     )
+    pub.add_argument(
+        "--no-metadata",
+        action="store_true",
+        help="attach no health_check.json / drift_reference.json found beside the model",
+    )
     pub.add_argument("--max-drop", type=float, default=None, help="allowed metric drop (0.01)")
     pub.add_argument("--signing", choices=["online", "offline"], default="online")
     pub.add_argument("--device-class", action="append", default=[], help="repeatable")
@@ -483,7 +488,8 @@ def _publish(args: argparse.Namespace) -> int:
             ("drift_reference", args.drift_reference),
         ):
             beside = args.model.parent / f"{key}.json"
-            metadata[key] = given or (beside if beside.is_file() else None)
+            found = beside if beside.is_file() and not args.no_metadata else None
+            metadata[key] = given or found
     form: dict[str, str] = {"compress": "true" if compress else "false", "signing": args.signing}
     if args.version is not None:
         form["version"] = str(args.version)
@@ -512,6 +518,7 @@ def _publish(args: argparse.Namespace) -> int:
             **metadata,
         )
         job = result["job"]
+        result["attached"] = {k: str(p) for k, p in metadata.items() if p is not None}
         if args.wait:
             job = _wait_job(client, job["id"], args.timeout, show=not args.json)
             result["version"] = client.json(
@@ -557,6 +564,7 @@ def _render_submit(r: Mapping[str, Any]) -> None:
                 "job": f"{job['id']} ({job['status']}, {job['stage']})",
                 "error": job.get("error") or v.get("error") or "",
                 "bundle": (v["bundle"] or {}).get("sha256", ""),
+                "attached": ", ".join(r.get("attached", {}).values()) or "-",
             },
         )
     )

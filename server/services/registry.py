@@ -27,6 +27,7 @@ import base64
 import binascii
 import hashlib
 import json
+import math
 import shutil
 import tempfile
 import uuid
@@ -289,6 +290,29 @@ def _check_options(name: str, options: VersionOptions) -> None:
         raise InvalidInputError(f"model_card is not plain JSON: {exc}") from None
     if len(card) > MAX_MODEL_CARD_BYTES:
         raise InvalidInputError(f"model_card is larger than {MAX_MODEL_CARD_BYTES} bytes")
+    if _depth(options.model_card) > MAX_MODEL_CARD_DEPTH:
+        raise InvalidInputError(
+            f"model_card nests deeper than {MAX_MODEL_CARD_DEPTH} levels of objects and lists"
+        )
+
+
+MAX_MODEL_CARD_DEPTH = 32  # levels; the API's response serializer stops far short of 1000
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of JSON-like data (a scalar is 0), iteratively (no recursion limit)."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, Mapping):
+            stack.extend((v, level + 1) for v in item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend((v, level + 1) for v in item)
+        else:
+            deepest = max(deepest, level)
+            continue
+        deepest = max(deepest, level + 1)
+    return deepest
 
 
 def _check_npz(path: Path, what: str) -> None:
@@ -634,6 +658,29 @@ def _load_input(session: Session, job: Job) -> _BuildInput:
     )
 
 
+def _preflight(model: bytes, manifest: Manifest) -> None:
+    """Run the health check devices run on install, here, before anything is signed.
+
+    The latency budget is not enforced (this is not the device's CPU); outputs,
+    shapes, finiteness and the golden comparison are. A bundle that fails here
+    would be rolled back by every device.
+
+    Raises:
+        BuildError: naming the device's error.
+    """
+    from agent.errors import HealthCheckError
+    from agent.health import run_health_check
+    from agent.runtime import make_session
+
+    try:
+        run_health_check(make_session(model, 1), manifest, runs=1, latency_factor=math.inf)
+    except HealthCheckError as exc:
+        raise BuildError(
+            f"the bundle's health check fails on the server ({type(exc).__name__}: {exc}); "
+            "every device would roll it back"
+        ) from exc
+
+
 def run_build(
     session_factory: Callable[[], Session],
     settings: Settings,
@@ -712,7 +759,12 @@ def run_build(
             )
         except (ModelFileError, EdgefleetError, ValueError) as exc:
             raise BuildError(f"bundle build failed: {exc}") from exc
-        header = read_header(unsigned.read_bytes())
+        progress("building", 0.85, "running the devices' health check")
+        _preflight(model_bytes, manifest)
+        try:
+            header = read_header(unsigned.read_bytes())
+        except EdgefleetError as exc:  # build_bundle checks the limits; defence in depth
+            raise BuildError(f"the built bundle does not read back: {exc}") from exc
         staged = bundle_path(settings, inp.name, inp.version, signed=False)
         staged.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(str(unsigned), staged)

@@ -114,9 +114,17 @@ def test_publish_carries_compress_outputs_beside_the_model(
         capsys, live, "publish", str(model), "--name", "local", "--wait", role="publisher"
     )
     assert code == 0, out
+    assert sorted(out["attached"]) == ["drift_reference", "health_check"]  # said, not silent
     r = live.api.get("/api/v1/models/local/versions/1/bundle", role="viewer")
     manifest = read_header(r.content).manifest()
     assert manifest.health_check == hc and manifest.drift_reference == drift
+    code, out = run(
+        capsys, live, "publish", str(model), "--name", "local", "--no-metadata", "--wait",
+        role="publisher",
+    )  # fmt: skip
+    assert code == 0 and out["attached"] == {}
+    r = live.api.get("/api/v1/models/local/versions/2/bundle", role="viewer")
+    assert read_header(r.content).manifest().health_check == {}
 
     # An explicit file wins over the one beside the model; it must fit the model.
     other = tmp_path / "other.json"

@@ -102,6 +102,8 @@ def test_conflict_while_queued_409(api: Api) -> None:
         ("model.onnx", None, {"model_card": "[1, 2]"}, "JSON object"),
         ("model.onnx", None, {"model_card": "{nope"}, "not JSON"),
         ("model.onnx", None, {"model_card": "[" * 60000}, "not JSON"),  # was a 500
+        # 300 levels: json.loads copes, the response serializer did not (a 500 after commit)
+        ("model.onnx", None, {"model_card": '{"a":' + "[" * 300 + "]" * 300 + "}"}, "deeper"),
         ("model.onnx", b"", {}, "empty"),
         ("model.onnx", None, {"description": "a\x00b"}, "NUL"),
     ],
@@ -173,6 +175,20 @@ def test_bad_health_check_or_drift_reference_rejected_with_reason(
     assert needle in r.json()["detail"], r.json()["detail"]
     assert api.get("/api/v1/models/meta/versions/1", role="viewer").status_code == 404
     assert not [p for p in (api.settings.uploads_dir / "meta").glob("*") if p.is_dir()]
+
+
+def test_a_health_check_devices_would_fail_fails_the_build_before_signing(api: Api) -> None:
+    """Same names and shapes, another model's outputs: caught on the server, not the fleet."""
+    stale, _ = model_metadata(onnx_model(seed=1))
+    files = {"health_check": _json_file("health_check.json", stale)}
+    r = upload(api, "stale", onnx_model(seed=0), version=1, files=files)
+    assert r.status_code == 202, r.text
+    run_jobs(api)
+    job = api.get(f"/api/v1/jobs/{r.json()['job']['id']}", role="viewer").json()
+    assert job["status"] == "failed"
+    assert "GoldenMismatchError" in job["error"] and "every device" in job["error"]
+    v = api.get("/api/v1/models/stale/versions/1", role="viewer").json()
+    assert v["status"] == "failed" and v["bundle"] is None
 
 
 def test_health_check_with_compression_is_refused(api: Api) -> None:
