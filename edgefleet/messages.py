@@ -150,11 +150,26 @@ def _decode(
             raise _fail(what, f"not valid JSON: {exc}") from exc
         if not isinstance(value, dict):
             raise _fail(what, "top level is not a JSON object")
+        if _SURROGATE_ESCAPE.search(data) and _has_lone_surrogate(value):
+            raise _fail(what, "a string holds a lone UTF-16 surrogate (not valid Unicode text)")
         return value
     try:
         return canonical.decode_strict(bytes(data), require_canonical=require_canonical)
     except canonical.CanonicalError as exc:
         raise _fail(what, str(exc)) from exc
+
+
+# Only a \uD800-\uDFFF escape can put a surrogate into a decoded string (strict UTF-8
+# refuses encoded ones); pairs are fine, a lone one is not text and breaks storage.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _refuse_constant(name: str) -> Any:

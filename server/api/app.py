@@ -24,7 +24,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from sqlalchemy import Engine
-from sqlalchemy.exc import DataError
+from sqlalchemy.exc import DataError, IntegrityError
 
 from edgefleet import __version__
 from server import metrics
@@ -127,6 +127,16 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> FastAPI:
         # Defense in depth: a value the database cannot store is the client's problem.
         reason = str(exc.orig).splitlines()[0] if exc.orig else "invalid value"
         return JSONResponse({"detail": f"the database refused a value: {reason}"}, 422)
+
+    @app.exception_handler(IntegrityError)
+    async def _integrity_error(request: Request, exc: IntegrityError) -> JSONResponse:
+        # Two requests raced past a service's existence check (PostgreSQL runs them
+        # concurrently): the loser's transaction is rolled back; it may retry.
+        reason = str(exc.orig).splitlines()[0] if exc.orig else "a uniqueness rule"
+        return JSONResponse(
+            {"detail": f"a concurrent request changed the same data first ({reason}); retry"},
+            409,
+        )
 
     @app.middleware("http")
     async def _latency(

@@ -46,6 +46,7 @@ from sqlalchemy.orm import Session
 from edgefleet import canonical
 from edgefleet.errors import VerificationError
 from edgefleet.keys import KeyFileError, SigningKey, load_signing_key
+from edgefleet.manifest import Manifest
 from edgefleet.messages import BundleRef, DesiredState, DesiredTarget, ModelRef, ShadowSpec
 from edgefleet.topics import TopicError, validate_device_id, validate_group
 from server.db import transaction_lock
@@ -133,6 +134,21 @@ def _published(session: Session, name: str, version: int, what: str) -> ModelVer
     if row.status != registry.STATUS_PUBLISHED or not row.bundle_sha256 or not row.bundle_size:
         raise ConflictError(f"{what} {name} version {version} is {row.status}, not published")
     return row
+
+
+def _check_not_expired(row: ModelVersion, now: datetime) -> None:
+    """Devices refuse an expired bundle (``ExpiredError``): do not assign one.
+
+    Raises:
+        ConflictError: the bundle's manifest has expired.
+    """
+    assert row.manifest is not None  # published versions have one
+    expires = Manifest.from_bytes(bytes(row.manifest)).expires
+    if expires <= now:
+        raise ConflictError(
+            f"{row.model.name} version {row.version}'s bundle expired at "
+            f"{expires.isoformat()}: devices refuse it; publish a new version"
+        )
 
 
 def _bundle(row: ModelVersion) -> BundleRef:
@@ -341,7 +357,7 @@ def assign(
 
     Raises:
         NotFoundError: no such device, model or version.
-        ConflictError: a version is not published.
+        ConflictError: a version is not published, or its bundle has expired.
         InvalidInputError: a bad rollout id, lifetime, or a device class the
             bundle does not target.
         UnavailableError: no director key or trust root, or the keys do not
@@ -355,6 +371,9 @@ def assign(
         raise InvalidInputError("expires_days must be in [1, 365]")
     primary = _published(session, model, version, "model")
     candidate = _published(session, shadow[0], shadow[1], "shadow") if shadow else None
+    for row in (primary, candidate):
+        if row is not None:
+            _check_not_expired(row, now)
     if target.kind == "device":
         device = session.get(Device, target.name)
         if device is None:

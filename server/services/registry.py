@@ -285,10 +285,12 @@ def _check_options(name: str, options: VersionOptions) -> None:
     if not isinstance(options.model_card, Mapping):
         raise InvalidInputError("model_card must be a JSON object")
     try:
-        card = json.dumps(dict(options.model_card), allow_nan=False)
-    except (TypeError, ValueError) as exc:
+        # UTF-8 (ensure_ascii=False): a lone surrogate escape fails here, not after commit.
+        card = json.dumps(dict(options.model_card), allow_nan=False, ensure_ascii=False)
+        card_bytes = card.encode("utf-8")
+    except (TypeError, ValueError) as exc:  # UnicodeEncodeError is a ValueError
         raise InvalidInputError(f"model_card is not plain JSON: {exc}") from None
-    if len(card) > MAX_MODEL_CARD_BYTES:
+    if len(card_bytes) > MAX_MODEL_CARD_BYTES:
         raise InvalidInputError(f"model_card is larger than {MAX_MODEL_CARD_BYTES} bytes")
     if _depth(options.model_card) > MAX_MODEL_CARD_DEPTH:
         raise InvalidInputError(

@@ -158,10 +158,24 @@ def revoke_token(session: Session, token_id: str, actor: str) -> ApiToken:
 
     Raises:
         NotFoundError: no such token.
+        ConflictError: it is the last active admin token (the server refuses to
+            start without one, and nobody could create another).
     """
     row = session.get(ApiToken, token_id)
     if row is None:
         raise NotFoundError(f"no token with id {token_id!r}")
+    if row.revoked_at is None and row.role == Role.ADMIN.value:
+        # Lock every active admin token: two revocations at once cannot both pass.
+        active = session.scalars(
+            select(ApiToken.id)
+            .where(ApiToken.role == Role.ADMIN.value, ApiToken.revoked_at.is_(None))
+            .with_for_update()
+        ).all()
+        if set(active) <= {row.id}:
+            raise ConflictError(
+                f"token {row.name!r} is the last active admin token: create another admin "
+                "token first"
+            )
     if row.revoked_at is None:
         row.revoked_at = _now()
         audit.record(session, actor, "token.revoke", f"token/{row.id}", {"name": row.name})

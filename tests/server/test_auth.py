@@ -141,6 +141,19 @@ def test_created_token_works_and_revocation_is_immediate(api: Api) -> None:
     assert api.client.get("/api/v1/whoami", headers=h).status_code == 401
 
 
+def test_the_last_admin_token_cannot_be_revoked(api: Api) -> None:
+    """Without an admin token the server refuses to start and nobody could make one."""
+    admins = [t for t in api.get("/api/v1/tokens").json() if t["role"] == "admin"]
+    assert len(admins) == 1 and admins[0]["revoked_at"] is None
+    r = api.delete(f"/api/v1/tokens/{admins[0]['id']}")
+    assert r.status_code == 409 and "last active admin token" in r.json()["detail"]
+    assert api.get("/api/v1/whoami").status_code == 200  # still works
+    second = api.post("/api/v1/tokens", json={"name": "second-admin", "role": "admin"}).json()
+    assert api.delete(f"/api/v1/tokens/{admins[0]['id']}").status_code == 200
+    headers = {"Authorization": f"Bearer {second['token']}"}
+    assert api.client.delete(f"/api/v1/tokens/{second['id']}", headers=headers).status_code == 409
+
+
 def test_bad_role_rejected_422(api: Api) -> None:
     r = api.post("/api/v1/tokens", json={"name": "x", "role": "root"})
     assert r.status_code == 422

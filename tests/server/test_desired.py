@@ -273,3 +273,49 @@ def test_replicas_reissuing_at_once_make_one_new_version(api: Api) -> None:
     assert not errors and made == [2]
     listing = api.get("/api/v1/deployments", params={"group": "g"}).json()
     assert [d["action"] for d in listing["deployments"]] == ["reissue", "assign"]
+
+
+def test_an_expired_bundle_is_not_assigned(api: Api) -> None:
+    """Devices refuse an expired bundle: the assignment is refused, nothing stored."""
+    from datetime import timedelta
+
+    from server.errors import ConflictError
+
+    _publish(api, "m", 1, expires_days=1)
+    _enroll(api, "d1")
+    later = datetime.now(timezone.utc) + timedelta(days=2)
+    with api.sessions() as s, pytest.raises(ConflictError, match="expired"):
+        desired.assign(s, api.settings, desired.Target("device", "d1"), model="m", version=1,
+                       actor="test", now=later)  # fmt: skip
+    assert api.get("/api/v1/deployments").json()["total"] == 0
+    with api.sessions() as s:  # still within its lifetime today
+        desired.assign(s, api.settings, desired.Target("device", "d1"), model="m", version=1,
+                       actor="test")  # fmt: skip
+
+
+def test_a_lost_race_on_a_unique_row_is_409_not_500(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two enrollments of one id at once: the service's check passes in both (PostgreSQL)."""
+    from sqlalchemy.orm import Session
+
+    from server.models import Device
+
+    _enroll(api, "d1")
+    audit_before = api.get("/api/v1/audit/verify", role="admin").json()["entries"]
+    real_get = Session.get
+
+    def racing_get(self: Session, entity: Any, ident: Any, **kw: Any) -> Any:
+        if entity is Device and ident == "d1":
+            return None  # as if the other request had not committed yet
+        return real_get(self, entity, ident, **kw)
+
+    monkeypatch.setattr(Session, "get", racing_get)
+    r = api.post(
+        "/api/v1/devices", role="operator", json={"device_id": "d1", "device_class": "cam"}
+    )
+    monkeypatch.undo()
+    assert r.status_code == 409 and "concurrent request" in r.json()["detail"], r.text
+    devices = api.get("/api/v1/devices").json()["devices"]
+    assert [d["id"] for d in devices] == ["d1"]
+    assert api.get("/api/v1/audit/verify", role="admin").json()["entries"] == audit_before

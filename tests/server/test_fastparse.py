@@ -220,6 +220,14 @@ EDGES = {
     "trailing garbage": BASES["bench"].to_bytes() + b"x",
     "too many error kinds": _with("bench", error_kinds={f"k{i}": 1 for i in range(33)}),
     "an unknown key": _with("bench", extra=1),
+    # json.loads accepts it; the text then breaks storage and the API's responses.
+    "lone surrogate escape": _with("bench", error_kinds={})
+    .replace(
+        b'"error_kinds": {}',
+        b'"error_kinds": {}, "events": [{"ts": 1.0, "kind": "x", '
+        b'"desired_version": null, "model": null, "reason": "\\ud800"}]',
+    )
+    .replace(b'"events": [], ', b""),
     "a missing key": json.dumps({k: v for k, v in DOCS["bench"].items() if k != "spool"}).encode(),
 }
 

@@ -102,6 +102,7 @@ def test_conflict_while_queued_409(api: Api) -> None:
         ("model.onnx", None, {"model_card": "[1, 2]"}, "JSON object"),
         ("model.onnx", None, {"model_card": "{nope"}, "not JSON"),
         ("model.onnx", None, {"model_card": "[" * 60000}, "not JSON"),  # was a 500
+        ("model.onnx", None, {"model_card": '{"x": "\\ud800"}'}, "not plain JSON"),  # was a 500
         # 300 levels: json.loads copes, the response serializer did not (a 500 after commit)
         ("model.onnx", None, {"model_card": '{"a":' + "[" * 300 + "]" * 300 + "}"}, "deeper"),
         ("model.onnx", b"", {}, "empty"),

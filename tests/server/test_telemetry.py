@@ -140,6 +140,12 @@ def test_telemetry_api(api: Api) -> None:
     assert r.json()["total"] == 1
     naive = api.get("/api/v1/telemetry", role="viewer", params={"since": "2030-05-01T12:00:00"})
     assert naive.status_code == 422 and "timezone" in naive.json()["detail"]
+    for param, value in (
+        ("since", "0001-01-01T00:00:00+01:00"),
+        ("until", "9999-12-31T23:59:59-01:00"),
+    ):
+        edge = api.get("/api/v1/telemetry", role="viewer", params={param: value})
+        assert edge.status_code == 422 and "years 1-9999" in edge.json()["detail"]  # was a 500
     text = api.get("/metrics", role="viewer").text
     assert 'edgefleet_telemetry_records_total{result="stored"}' in text
     assert 'route="/api/v1/telemetry",status="2xx"' in text

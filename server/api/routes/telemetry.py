@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Annotated
 
 from fastapi import APIRouter, Query
@@ -31,8 +31,14 @@ def query_telemetry(
 ) -> schemas.TelemetryList:
     """Records matching every filter, newest window first."""
     for value, what in ((since, "since"), (until, "until")):
-        if value is not None and value.tzinfo is None:
+        if value is None:
+            continue
+        if value.tzinfo is None:
             raise InvalidInputError(f"{what} needs a timezone (e.g. 2025-01-01T00:00:00Z)")
+        try:
+            value.astimezone(timezone.utc)
+        except OverflowError:
+            raise InvalidInputError(f"{what} is outside the years 1-9999 in UTC") from None
     rows, total = telemetry.query(
         session,
         device_id=device_id,
