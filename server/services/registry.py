@@ -44,7 +44,7 @@ from sqlalchemy.orm import Session, selectinload
 from edgefleet.bundle import attach_signatures, read_header
 from edgefleet.errors import EdgefleetError, MalformedBundleError, VerificationError
 from edgefleet.keys import KeyFileError, SigningKey, load_signing_key
-from edgefleet.manifest import Manifest, Targets, validate_model_name
+from edgefleet.manifest import Manifest, Targets, TensorSpec, validate_model_name
 from edgefleet.trust import Signature, TrustRoot
 from server.errors import (
     ConflictError,
@@ -443,9 +443,16 @@ def submit_version(
             from edgefleet.build import ModelFileError, describe_model
 
             try:
-                describe_model(source.read_bytes())
-            except ModelFileError as exc:
-                raise InvalidInputError(f"model file {filename!r}: {exc}") from None
+                desc = describe_model(source.read_bytes())
+                # What the manifest will say about it must be valid too (names, opset).
+                for spec in (*desc.inputs, *desc.outputs):
+                    TensorSpec.from_dict(spec.to_dict(), f"io {spec.name[:64]!r}")
+                Targets.from_dict({"device_classes": [], "archs": [], "opset": desc.opset,
+                                   "min_agent_version": "0.1.0",
+                                   "min_onnxruntime_version": "1.0.0"})  # fmt: skip
+            except (ModelFileError, MalformedBundleError) as exc:
+                reason = str(exc).removeprefix("manifest: ")
+                raise InvalidInputError(f"model file {filename!r}: {reason}") from None
         if calib is not None:
             _copy_limited(calib, upload_dir / "calib.npz", settings.max_upload_bytes, "CALIB")
             _check_npz(upload_dir / "calib.npz", "CALIB")

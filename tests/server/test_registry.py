@@ -203,6 +203,24 @@ def test_health_check_with_compression_is_refused(api: Api) -> None:
     assert r.status_code == 422 and "come from the compression job" in r.json()["detail"]
 
 
+def test_a_model_the_manifest_cannot_describe_is_refused_at_upload(api: Api) -> None:
+    """An input name over 256 characters used to pass upload and fail the build job."""
+    from onnx import TensorProto, helper
+
+    name = "x" * 300
+    graph = helper.make_graph(
+        [helper.make_node("Identity", [name], ["y"])],
+        "long",
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    r = upload(api, "long", model.SerializeToString(), version=1)
+    assert r.status_code == 422 and "at most 256 characters" in r.json()["detail"], r.text
+    assert api.get("/api/v1/models/long/versions/1", role="viewer").status_code == 404
+
+
 def test_bad_model_name_rejected(api: Api) -> None:
     r = upload(api, "Bad_Name", onnx_model())
     assert r.status_code == 422
