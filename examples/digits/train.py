@@ -16,10 +16,10 @@ Run: ``python examples/digits/train.py --out DIR``
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
+import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -27,14 +27,14 @@ import torch
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:  # run as a script: make ``examples.training`` importable
+    sys.path.insert(0, str(ROOT))
+
+from examples import training  # noqa: E402
+from examples.training import Trained  # noqa: E402
+
 SEED = 11
-
-
-def seed_everything(seed: int = SEED) -> None:
-    """Seed numpy and torch and make torch deterministic."""
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    torch.use_deterministic_algorithms(True)
 
 
 def load_split(seed: int = SEED) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -65,12 +65,6 @@ class DigitsCNN(torch.nn.Module):
         return self.fc2(h)
 
 
-def set_training(model: torch.nn.Module, training: bool) -> None:
-    """Switch train/eval mode; an exported program's GraphModule has no modes."""
-    with contextlib.suppress(NotImplementedError):
-        model.train(training)
-
-
 def fit(
     model: torch.nn.Module,
     x: np.ndarray,
@@ -80,47 +74,15 @@ def fit(
     batch_size: int = 64,
     seed: int = SEED,
 ) -> None:
-    """Train (or fine-tune) ``model`` with Adam and cross-entropy.
-
-    Args:
-        model: The model (its current weights are the starting point).
-        x: Images ``[n, 1, 8, 8]``.
-        y: Labels.
-        epochs: Passes over the data.
-        lr: Adam learning rate.
-        batch_size: Rows per step.
-        seed: Seed of the shuffling order.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    set_training(model, True)
-    for _ in range(epochs):
-        order = torch.randperm(len(xt), generator=generator)
-        for start in range(0, len(xt), batch_size):
-            idx = order[start : start + batch_size]
-            optimizer.zero_grad()
-            loss = torch.nn.functional.cross_entropy(model(xt[idx]), yt[idx])
-            loss.backward()
-            optimizer.step()
-    set_training(model, False)
+    """Train (or fine-tune) ``model`` on images: :func:`examples.training.fit`."""
+    training.fit(model, x, y, epochs, lr=lr, batch_size=batch_size, seed=seed)
 
 
-@dataclass
-class Trained:
-    """A trained model with its data splits."""
-
-    model: DigitsCNN
-    x_train: np.ndarray
-    y_train: np.ndarray
-    x_calib: np.ndarray
-    x_eval: np.ndarray
-    y_eval: np.ndarray
-
-    def eval_predictions(self) -> np.ndarray:
-        """Predicted class per EVAL row."""
-        with torch.no_grad():
-            return self.model(torch.from_numpy(self.x_eval)).argmax(1).numpy()
+def fine_tuner(
+    x: np.ndarray, y: np.ndarray, epochs: int = 3, lr: float = 5e-4
+) -> Callable[[torch.nn.Module], None]:
+    """A fine-tune callback for ``compression.compress(fine_tune=...)`` (:func:`fit` on x, y)."""
+    return training.fine_tuner(x, y, epochs=epochs, lr=lr, batch_size=64, seed=SEED)
 
 
 def build(epochs: int = 20, n_calib: int = 256) -> Trained:
@@ -133,39 +95,11 @@ def build(epochs: int = 20, n_calib: int = 256) -> Trained:
     Returns:
         The trained model (eval mode) and the splits.
     """
-    seed_everything()
+    training.seed_everything(SEED)
     x_train, y_train, x_eval, y_eval = load_split()
     model = DigitsCNN()
     fit(model, x_train, y_train, epochs)
     return Trained(model, x_train, y_train, x_train[:n_calib], x_eval, y_eval)
-
-
-def fine_tuner(x: np.ndarray, y: np.ndarray, epochs: int = 3, lr: float = 5e-4):
-    """A fine-tune callback for ``compression.compress(fine_tune=...)``.
-
-    Args:
-        x: Training images.
-        y: Training labels.
-        epochs: Passes over the data.
-        lr: Adam learning rate.
-
-    Returns:
-        A function that trains the (pruned) module it is given.
-    """
-
-    def fine_tune(module: torch.nn.Module) -> None:
-        fit(module, x, y, epochs, lr=lr)
-
-    return fine_tune
-
-
-def export(model: torch.nn.Module, example: np.ndarray, path: Path) -> None:
-    """Save ``model`` as a ``torch.export`` program with a dynamic batch axis."""
-    batch = torch.export.Dim("batch", min=1, max=1 << 20)
-    program = torch.export.export(
-        model, (torch.from_numpy(example[:2]),), dynamic_shapes=({0: batch},)
-    )
-    torch.export.save(program, str(path))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -176,10 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(2)
     start = time.perf_counter()
     trained = build(epochs=args.epochs)
-    args.out.mkdir(parents=True, exist_ok=True)
-    export(trained.model, trained.x_calib, args.out / "model.pt2")
-    np.savez(args.out / "calib.npz", x=trained.x_calib)
-    np.savez(args.out / "eval.npz", x=trained.x_eval, labels=trained.y_eval)
+    training.write_outputs(trained, args.out)
     pred = trained.eval_predictions()
     print(
         json.dumps(
