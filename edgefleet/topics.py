@@ -27,6 +27,7 @@ t`` for every topic ``t``. This module is pure (no paho import).
 from __future__ import annotations
 
 import enum
+import functools
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ __all__ = [
     "device_acl_patterns",
     "mosquitto_acl",
     "parse",
+    "parse_device_topic",
     "shared",
     "validate_device_id",
     "validate_group",
@@ -190,6 +192,22 @@ def parse(topic: str) -> Topic:
     if len(parts) == 3 and parts[0] == "groups" and parts[2] == "desired":
         return GroupTopic(validate_group(parts[1]))
     raise TopicError(f"topic {topic[:120]!r} is not an edgefleet topic")
+
+
+@functools.lru_cache(maxsize=16384)
+def parse_device_topic(topic: str) -> DeviceTopic:
+    """``parse`` for the topics of one device, memoized (receivers' hot path).
+
+    Every device publishes to the same few topics again and again, and a
+    parsed topic is immutable; an invalid topic raises (and is not cached).
+
+    Raises:
+        TopicError: not exactly a documented device topic.
+    """
+    parsed = parse(topic)
+    if not isinstance(parsed, DeviceTopic):
+        raise TopicError(f"not a device topic: {topic[:120]!r}")
+    return parsed
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,7 @@ from edgefleet.messages import (
     ChunkError,
     ChunkRequest,
 )
-from edgefleet.topics import DeviceChannel, DeviceTopic, TopicError, parse
+from edgefleet.topics import DeviceChannel, DeviceTopic, TopicError, parse_device_topic
 from server import metrics
 from server.errors import NotFoundError
 from server.mqtt.connection import Delivery, MqttError
@@ -127,9 +127,7 @@ class ChunkServer:
         """Parse a request delivery and queue it (network thread; never blocks)."""
         metrics.MQTT_MESSAGES.labels(DeviceChannel.CHUNK_REQUEST.value).inc()
         try:
-            topic = parse(delivery.topic)
-            if not isinstance(topic, DeviceTopic):
-                raise TopicError(f"not a device topic: {delivery.topic}")
+            topic = parse_device_topic(delivery.topic)
             request = ChunkRequest.from_bytes(delivery.payload)
         except (TopicError, VerificationError) as exc:
             metrics.CHUNK_REQUESTS.labels("malformed").inc()

@@ -39,7 +39,6 @@ Invariants:
 
 from __future__ import annotations
 
-import functools
 import logging
 import queue
 import random
@@ -55,7 +54,7 @@ from sqlalchemy.orm import Session
 
 from edgefleet.errors import VerificationError
 from edgefleet.messages import DeviceFactsMessage, StatusMessage, TelemetryRecord
-from edgefleet.topics import DeviceChannel, DeviceTopic, TopicError, parse
+from edgefleet.topics import DeviceChannel, DeviceTopic, TopicError, parse_device_topic
 from server import metrics
 from server.mqtt import fastparse
 from server.mqtt.connection import Delivery
@@ -90,22 +89,6 @@ class IngestStats:
 Parsed = tuple[Any, ...]  # ("telemetry", RecordSummary) | ("status", msg) | ... | ("reject", why)
 
 
-@functools.lru_cache(maxsize=16384)
-def device_topic(topic: str) -> DeviceTopic:
-    """``edgefleet.topics.parse`` for device topics, memoized.
-
-    Every device publishes to the same few topics again and again, and a
-    parsed topic is immutable; an invalid topic raises (and is not cached).
-
-    Raises:
-        TopicError: not a topic of one device.
-    """
-    parsed = parse(topic)
-    if not isinstance(parsed, DeviceTopic):
-        raise TopicError(f"not a device topic: {topic}")
-    return parsed
-
-
 def parse_payloads(items: Sequence[tuple[str, bytes]]) -> list[Parsed]:
     """Parse and check ``(topic, payload)`` pairs (no database or network access).
 
@@ -117,7 +100,7 @@ def parse_payloads(items: Sequence[tuple[str, bytes]]) -> list[Parsed]:
     out: list[Parsed] = []
     for topic_text, payload in items:
         try:
-            topic = device_topic(topic_text)
+            topic = parse_device_topic(topic_text)
             if not payload:
                 out.append(("empty",))
                 continue

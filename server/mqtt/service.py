@@ -40,11 +40,11 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from edgefleet.topics import DeviceChannel, TopicError, all_devices, shared
+from edgefleet.topics import DeviceChannel, TopicError, all_devices, parse_device_topic, shared
 from server import metrics
 from server.mqtt.chunks import ChunkServer
 from server.mqtt.connection import BrokerConnection, ConnectionOptions, Delivery
-from server.mqtt.ingest import Ingester, device_topic
+from server.mqtt.ingest import Ingester
 from server.mqtt.publisher import DesiredPublisher
 from server.settings import Settings
 
@@ -150,7 +150,7 @@ class MqttService:
 
     def _route(self, delivery: Delivery) -> None:
         try:
-            topic = device_topic(delivery.topic)  # memoized: this runs on the network thread
+            topic = parse_device_topic(delivery.topic)  # memoized: the network thread
         except TopicError:
             log.info("mqtt: ignored a message on %s", delivery.topic)
             self.connection.ack(delivery)
