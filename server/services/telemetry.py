@@ -21,7 +21,7 @@ the device's JSON as received (UTF-8, already validated). Retention deletes by
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta, timezone
 from typing import Any, NamedTuple, Protocol
 
@@ -204,23 +204,23 @@ def ingest_summaries(
     sql = _insert_sql(dialect.name, dialect.paramstyle)
     utc = timezone.utc
     fromtimestamp = datetime.fromtimestamp
-    rows: list[tuple[Any, ...]]
-    if dialect.name == "sqlite":
-        received_text = _sqlite_datetime(received)
-        text_ts = _sqlite_datetime
-        rows = [
-            (s.device_id, s.seq, text_ts(fromtimestamp(s.window_start, utc)),
-             text_ts(fromtimestamp(s.window_end, utc)), s.model_name, s.model_version,
-             s.predictions, s.errors, received_text, raw.decode("utf-8"))
-            for s, raw in zip(summaries, payloads, strict=True)
-        ]  # fmt: skip
+    stamp: Callable[[float], Any]
+    if dialect.name == "sqlite":  # the text SQLAlchemy's SQLite DATETIME would store
+        received_value: Any = _sqlite_datetime(received)
+
+        def stamp(ts: float) -> Any:
+            return _sqlite_datetime(fromtimestamp(ts, utc))
     else:
-        rows = [
-            (s.device_id, s.seq, fromtimestamp(s.window_start, utc),
-             fromtimestamp(s.window_end, utc), s.model_name, s.model_version, s.predictions,
-             s.errors, received, raw.decode("utf-8"))
-            for s, raw in zip(summaries, payloads, strict=True)
-        ]  # fmt: skip
+        received_value = received
+
+        def stamp(ts: float) -> Any:
+            return fromtimestamp(ts, utc)
+
+    rows = [
+        (s.device_id, s.seq, stamp(s.window_start), stamp(s.window_end), s.model_name,
+         s.model_version, s.predictions, s.errors, received_value, raw.decode("utf-8"))
+        for s, raw in zip(summaries, payloads, strict=True)
+    ]  # fmt: skip
     # One executemany; the driver's rowcount sums the rows each statement inserted
     # (0 for a conflict), so duplicates within the batch are counted too.
     stored = int(conn.exec_driver_sql(sql, rows).rowcount)
