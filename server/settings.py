@@ -73,6 +73,13 @@ class Settings(BaseSettings):
     mqtt_password: SecretStr | None = Field(None, description="the replicas' broker password")
     mosquitto_password_file: Path | None = Field(None, description="password_file to rewrite")
     mosquitto_acl_file: Path | None = Field(None, description="acl_file to rewrite")
+    mosquitto_server_password_file: Path | None = Field(
+        None,
+        description=(
+            "password_file of the replicas' own listener (server logins only); "
+            "default <mosquitto_password_file>-server"
+        ),
+    )
     mosquitto_pid_file: Path | None = Field(None, description="broker pid file (SIGHUP reload)")
     mosquitto_reload_command: list[str] | None = Field(
         None, description="argv run after rewriting broker files (instead of SIGHUP)"
@@ -91,6 +98,16 @@ class Settings(BaseSettings):
     auth_failure_window_seconds: int = Field(300, ge=1, le=86400, description="seconds")
     max_upload_bytes: int = Field(
         1 << 30, ge=1 << 10, le=1 << 40, description="bytes per uploaded file"
+    )
+    max_json_body_bytes: int = Field(
+        1 << 20, ge=1 << 10, le=1 << 30, description="bytes of a JSON request body"
+    )
+    forwarded_allow_ips: list[str] = Field(
+        default_factory=list,
+        description=(
+            "proxy addresses whose X-Forwarded-For/-Proto are trusted (uvicorn's "
+            "forwarded_allow_ips); empty: forwarded headers are ignored"
+        ),
     )
     telemetry_retention_days: int = Field(90, ge=1, le=36500, description="days kept")
     bundle_expires_days: int = Field(90, ge=1, le=3650, description="default bundle lifetime")
