@@ -16,6 +16,8 @@ Every bound has its unit in the field description.
 from __future__ import annotations
 
 import contextvars
+import hashlib
+import hmac
 import re
 import secrets
 import socket
@@ -23,7 +25,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -68,7 +70,13 @@ class Settings(BaseSettings):
     release_key: Path | None = Field(
         None, description="online release key (PEM); absent: offline signing only"
     )
-    mqtt_url: str | None = Field(None, description="mqtt://host:port of the broker")
+    mqtt_url: str | None = Field(
+        None, description="mqtt://host:port of the broker listener the replicas use"
+    )
+    device_mqtt_url: str | None = Field(
+        None,
+        description="mqtt(s)://host:port devices are told at enrollment; default mqtt_url",
+    )
     mqtt_username: str = Field("edgefleet-server", description="the replicas' broker username")
     mqtt_password: SecretStr | None = Field(None, description="the replicas' broker password")
     mosquitto_password_file: Path | None = Field(None, description="password_file to rewrite")
@@ -133,7 +141,10 @@ class Settings(BaseSettings):
     )
     mqtt_client_id: str | None = Field(
         None,
-        description="this replica's stable MQTT client id (session); default <username>-<host>",
+        description=(
+            "this replica's stable MQTT client id (session), starting '<mqtt_username>-'; "
+            "default <mqtt_username>-<host>-<secret>"
+        ),
     )
     mqtt_ca_file: Path | None = Field(None, description="CA bundle for mqtts:// brokers")
     mqtt_session_expiry_seconds: int = Field(
@@ -200,7 +211,16 @@ class Settings(BaseSettings):
             raise ValueError("mqtt_client_id: use 1-128 ASCII letters, digits, '.', '_' or '-'")
         return value
 
-    @field_validator("mqtt_url")
+    @model_validator(mode="after")
+    def _client_id_in_server_namespace(self) -> Settings:
+        # Device ids under '<mqtt_username>-' are refused at enrollment, so a
+        # replica's client id in that namespace can never be a device's.
+        prefix = f"{self.mqtt_username}-"
+        if self.mqtt_client_id is not None and not self.mqtt_client_id.startswith(prefix):
+            raise ValueError(f"mqtt_client_id must start with {prefix!r} (the server's namespace)")
+        return self
+
+    @field_validator("mqtt_url", "device_mqtt_url")
     @classmethod
     def _known_broker(cls, value: str | None) -> str | None:
         if value is None:
@@ -237,12 +257,55 @@ class Settings(BaseSettings):
         return f"sqlite:///{(self.data_dir / 'edgefleet.db').resolve()}"
 
     @property
+    def broker_secret(self) -> str:
+        """16 hex digits only the replicas can compute (HMAC of their broker password).
+
+        Names a device must not guess (the share groups, the default client
+        id) carry it; empty when no broker password is set.
+        """
+        if self.mqtt_password is None:
+            return ""
+        key = self.mqtt_password.get_secret_value().encode("utf-8")
+        return hmac.new(key, b"edgefleet broker names v1", hashlib.sha256).hexdigest()[:16]
+
+    def _secret_suffix(self) -> str:
+        return f"-{self.broker_secret}" if self.broker_secret else ""
+
+    @property
     def effective_mqtt_client_id(self) -> str:
-        """The configured client id, or ``<mqtt_username>-<host name>`` (stable per host)."""
+        """The configured client id, or ``<mqtt_username>-<host>-<secret>`` (stable per host)."""
         if self.mqtt_client_id:
             return self.mqtt_client_id
-        host = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname())[:60] or "host"
-        return f"{self.mqtt_username}-{host}"
+        host = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname())[:40] or "host"
+        return f"{self.mqtt_username}-{host}{self._secret_suffix()}"[:128]
+
+    @property
+    def chunk_share_group(self) -> str:
+        """The replicas' ``$share`` group for chunk requests (not guessable by a device)."""
+        return f"{self.mqtt_share_group}-chunks{self._secret_suffix()}"
+
+    @property
+    def ingest_share_group(self) -> str:
+        """The replicas' ``$share`` group for telemetry in ``shared`` mode."""
+        return f"{self.mqtt_share_group}-ingest{self._secret_suffix()}"
+
+    @property
+    def effective_device_mqtt_url(self) -> str | None:
+        """The broker URL devices connect to (``device_mqtt_url``, else ``mqtt_url``)."""
+        return self.device_mqtt_url or self.mqtt_url
+
+    @property
+    def effective_mosquitto_server_password_file(self) -> Path | None:
+        """The server listener's password file (replica logins only), when files are managed."""
+        if self.mosquitto_server_password_file is not None:
+            return self.mosquitto_server_password_file
+        if self.mosquitto_password_file is None:
+            return None
+        return self.mosquitto_password_file.with_name(self.mosquitto_password_file.name + "-server")
+
+    def is_reserved_device_id(self, device_id: str) -> bool:
+        """True for the replicas' namespace: ``<mqtt_username>`` and ``<mqtt_username>-*``."""
+        return device_id == self.mqtt_username or device_id.startswith(f"{self.mqtt_username}-")
 
     @property
     def mqtt_address(self) -> tuple[str, int, bool]:

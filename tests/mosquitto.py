@@ -3,8 +3,10 @@
 Flow: ``Mosquitto(workdir)`` writes ``mosquitto.conf`` (and, when users are
 given, a password file with PBKDF2-SHA512 ``$7$`` hashes and an ACL file; with
 ``tls``, a TLS listener with the given CA, certificate and key) into
-``workdir``; ``start()`` launches ``mosquitto -c`` and returns once the port
-accepts TCP connections; ``stop()`` sends SIGTERM (Mosquitto then writes its
+``workdir``, or the complete ``config_text`` it is given (the server's
+generated configuration, ``tests.server.conftest.managed_broker``);
+``start()`` launches ``mosquitto -c`` and returns once the port accepts TCP
+connections; ``stop()`` sends SIGTERM (Mosquitto then writes its
 persistence database) and waits; ``restart()`` is stop + start on the same
 port with the same persistence file, so retained messages and MQTT sessions
 survive it; ``kill()`` is an unclean SIGKILL.
@@ -61,6 +63,7 @@ class Mosquitto:
         allow_anonymous: bool | None = None,
         persistence: bool = True,
         tls: tuple[Path, Path, Path] | None = None,
+        config_text: str | None = None,
     ) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -71,11 +74,17 @@ class Mosquitto:
         self.allow_anonymous = (not self.users) if allow_anonymous is None else allow_anonymous
         self.persistence = persistence
         self.tls = tls  # (CA certificate, server certificate, server key) PEM files
+        # A complete mosquitto.conf (e.g. the server's generated one) used instead of
+        # the one built from the options above; ``port`` must be one of its listeners.
+        self.config_text = config_text
         self.proc: subprocess.Popen[bytes] | None = None
         self.config_path = self.workdir / "mosquitto.conf"
         self.log_path = self.workdir / "mosquitto.log"
 
     def _write_config(self) -> None:
+        if self.config_text is not None:
+            self.config_path.write_text(self.config_text)
+            return
         lines = [
             "per_listener_settings false",
             f"listener {self.port} {self.host}",

@@ -10,11 +10,16 @@ parsed topic:
 channel                subscription                               handled by
 =====================  =========================================  ===========
 ``telemetry``          ``devices/+/telemetry`` (exclusive), or    ``Ingester``
-                       ``$share/<prefix>-ingest/...`` (shared)
+                       ``$share/<prefix>-ingest-<s>/...`` (shared)
 ``status``, ``facts``  ``devices/+/status``, ``devices/+/facts``  ``Ingester``
                        (never shared: they are retained)
-``chunks/req``         ``$share/<prefix>-chunks/...``, QoS 0      ``ChunkServer``
+``chunks/req``         ``$share/<prefix>-chunks-<s>/...``, QoS 0  ``ChunkServer``
 =====================  =========================================  ===========
+
+``<s>`` is ``Settings.broker_secret``: Mosquitto grants any SUBSCRIBE and
+checks its ACL only at delivery, so a device that joined a guessable share
+group would be handed (and then denied) a share of other devices' requests;
+a group name only the replicas can compute keeps devices out of it.
 
 ``DesiredPublisher`` keeps the retained desired-state topics equal to the
 database. ``start`` and ``stop`` run and end all of it; ``stop`` stores and
@@ -81,8 +86,8 @@ def subscriptions(settings: Settings) -> list[tuple[str, int]]:
     """``(filter, qos)`` of every subscription a replica holds."""
     telemetry = all_devices(DeviceChannel.TELEMETRY)
     if settings.telemetry_subscription == "shared":
-        telemetry = shared(f"{settings.mqtt_share_group}-ingest", telemetry)
-    chunks = shared(f"{settings.mqtt_share_group}-chunks", all_devices(DeviceChannel.CHUNK_REQUEST))
+        telemetry = shared(settings.ingest_share_group, telemetry)
+    chunks = shared(settings.chunk_share_group, all_devices(DeviceChannel.CHUNK_REQUEST))
     return [
         (str(telemetry), 1),
         (str(all_devices(DeviceChannel.STATUS)), 1),

@@ -1,10 +1,28 @@
-"""Mosquitto's password and ACL files, generated from the database, and broker reload.
+"""Mosquitto's configuration, password and ACL files, generated from the database, and reload.
 
 Flow: after a device is enrolled, changed or removed, ``sync_broker_files``
-regenerates both files from the devices table (plus the server replicas' own
-user) inside the caller's transaction, writes each atomically, and after the
-commit ``reload_broker`` asks Mosquitto to re-read them (SIGHUP to the pid in
-``mosquitto_pid_file``, or ``mosquitto_reload_command``).
+regenerates the files from the devices table inside the caller's
+transaction, writes each atomically, and after the commit ``reload_broker``
+asks Mosquitto to re-read them (SIGHUP to the pid in ``mosquitto_pid_file``,
+or ``mosquitto_reload_command``). ``mosquitto_conf`` writes the broker
+configuration those files belong to (``edgefleet server broker-config``; the
+demo's broker uses the same text).
+
+The broker has two kinds of listener (``per_listener_settings true``):
+
+- **device listeners** take device logins only (``mosquitto_password_file``)
+  with ``use_username_as_clientid true``: a device's MQTT session is always
+  named after its own login, so no device can resume, kick or impersonate
+  another's session or a replica's;
+- **the server listener** takes the replicas' login only
+  (``mosquitto_server_password_file``) and keeps their chosen client ids,
+  so several replicas can share one username with distinct sessions.
+
+Mosquitto 2.0's ``acl_file`` grants every SUBSCRIBE and applies the ACL when
+it delivers; a device's subscription outside its subtree therefore receives
+nothing, and the replicas' ``$share`` groups carry ``Settings.broker_secret``
+so that no device can join one and be dealt (then denied) other devices'
+messages.
 
 Invariants: the files are always a function of committed database state: the
 regeneration runs under a cross-replica lock (PostgreSQL advisory lock, held
@@ -44,8 +62,10 @@ from server.settings import Settings
 
 __all__ = [
     "BrokerSync",
+    "Listener",
     "broker_files_configured",
     "hash_password",
+    "mosquitto_conf",
     "reload_broker",
     "sync_broker_files",
     "verify_password",
@@ -126,25 +146,135 @@ def sync_broker_files(
     try:
         transaction_lock(session, LOCK_BROKER_FILES)
         session.flush()
-        devices = session.scalars(select(Device).order_by(Device.id)).all()
-        lines = []
+        # A device id in the replicas' namespace (enrolled before it was reserved)
+        # could claim a replica's client id: such a login is left out.
+        devices = [
+            d
+            for d in session.scalars(select(Device).order_by(Device.id)).all()
+            if not settings.is_reserved_device_id(d.id)
+        ]
         server_users: list[str] = []
+        server_lines: list[str] = []
         if settings.mqtt_password is not None:
             server_users.append(settings.mqtt_username)
-            lines.append(
-                f"{settings.mqtt_username}:{hash_password(settings.mqtt_password.get_secret_value())}"
-            )
-        lines += [f"{d.id}:{d.password_hash}" for d in devices if d.id != settings.mqtt_username]
+            secret = settings.mqtt_password.get_secret_value()
+            server_lines.append(f"{settings.mqtt_username}:{hash_password(secret)}")
+        device_lines = [f"{d.id}:{d.password_hash}" for d in devices]
         acl_text = mosquitto_acl(
             {d.id: [g.group for g in d.groups] for d in devices}, server_users=server_users
         )
+        server_passwd = settings.effective_mosquitto_server_password_file
+        assert server_passwd is not None
         # 0640: the broker (often another user in the same group) must read them.
-        atomic_write_bytes(passwd, ("\n".join(lines) + "\n").encode(), mode=0o640)
+        atomic_write_bytes(server_passwd, _lines(server_lines), mode=0o640)
+        atomic_write_bytes(passwd, _lines(device_lines), mode=0o640)
         atomic_write_bytes(acl, acl_text.encode(), mode=0o640)
     except BaseException:
         stack.close()
         raise
     return stack
+
+
+def _lines(lines: list[str]) -> bytes:
+    return "".join(line + "\n" for line in lines).encode()
+
+
+@dataclass(frozen=True)
+class Listener:
+    """One Mosquitto listener: address and, for ``mqtts``, PEM files."""
+
+    host: str
+    port: int
+    certfile: Path | None = None
+    keyfile: Path | None = None
+    cafile: Path | None = None
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.port <= 65535:
+            raise ValueError(f"listener port {self.port} is outside 1-65535")
+        if not self.host or any(c.isspace() for c in self.host):
+            raise ValueError(f"listener host {self.host!r} is not an address")
+        if (self.certfile is None) != (self.keyfile is None):
+            raise ValueError("a TLS listener needs both certfile and keyfile")
+
+    def lines(self) -> list[str]:
+        out = [f"listener {self.port} {self.host}"]
+        for key in ("cafile", "certfile", "keyfile"):
+            value = getattr(self, key)
+            if value is not None:
+                out.append(f"{key} {value}")
+        return out
+
+
+def mosquitto_conf(
+    settings: Settings,
+    *,
+    devices: list[Listener],
+    server: Listener,
+    persistence_dir: Path,
+    log_file: Path | None = None,
+    run_as_user: str | None = None,
+    max_queued_messages: int = 100_000,
+) -> str:
+    """The ``mosquitto.conf`` for the broker files these settings manage.
+
+    Args:
+        settings: the server's settings (broker files must be configured).
+        devices: listeners for devices (at least one; TLS in production).
+        server: the replicas' listener (bind it where only they reach it).
+        persistence_dir: where Mosquitto keeps sessions and retained messages.
+        log_file: log destination (default: syslog-free stderr).
+        run_as_user: Mosquitto's ``user`` option (drops root privileges).
+        max_queued_messages: per client: what a slow or absent replica may owe.
+
+    Raises:
+        ConfigError: the settings do not manage broker files, or a listener repeats.
+    """
+    from server.settings import ConfigError
+
+    passwd = settings.mosquitto_password_file
+    acl = settings.mosquitto_acl_file
+    server_passwd = settings.effective_mosquitto_server_password_file
+    if passwd is None or acl is None or server_passwd is None:
+        raise ConfigError(
+            "a broker configuration needs EDGEFLEET_MOSQUITTO_PASSWORD_FILE and "
+            "EDGEFLEET_MOSQUITTO_ACL_FILE (the files this server manages)"
+        )
+    if not devices:
+        raise ConfigError("a broker configuration needs at least one device listener")
+    ports = [x.port for x in devices] + [server.port]
+    if len(set(ports)) != len(ports):
+        raise ConfigError(f"listener ports repeat: {sorted(ports)}")
+    out = [
+        "# generated by edgefleet (server.services.broker.mosquitto_conf); see docs/server.md",
+        "per_listener_settings true",
+        "persistence true",
+        f"persistence_location {persistence_dir}/",
+        "persistence_file mosquitto.db",
+        f"max_queued_messages {max_queued_messages}",
+        "max_keepalive 3600",
+    ]
+    if settings.mosquitto_pid_file is not None:
+        out.append(f"pid_file {settings.mosquitto_pid_file}")
+    if log_file is not None:
+        out += [f"log_dest file {log_file}", "connection_messages true"]
+    else:
+        out.append("log_dest stderr")
+    if run_as_user:
+        out.append(f"user {run_as_user}")
+    for listener in devices:
+        out += ["", "# devices: device logins only; the session is named after the login"]
+        out += listener.lines()
+        out += [
+            "allow_anonymous false",
+            "use_username_as_clientid true",
+            f"password_file {passwd}",
+            f"acl_file {acl}",
+        ]
+    out += ["", "# server replicas: their login only; they keep their own client ids"]
+    out += server.lines()
+    out += ["allow_anonymous false", f"password_file {server_passwd}", f"acl_file {acl}"]
+    return "\n".join(out) + "\n"
 
 
 def reload_broker(settings: Settings) -> BrokerSync:

@@ -116,8 +116,12 @@ def enroll(
     klass = _device_class(device_class)
     group_names = _names(groups, "group", MAX_GROUPS)
     tag_names = _names(tags, "tag", MAX_TAGS)
-    if device_id == settings.mqtt_username:
-        raise ConflictError(f"device id {device_id!r} is the server's own broker username")
+    if settings.is_reserved_device_id(device_id):
+        raise ConflictError(
+            f"device id {device_id!r} is in the server's broker namespace "
+            f"({settings.mqtt_username!r} and '{settings.mqtt_username}-*' are reserved for "
+            "the replicas' logins and client ids)"
+        )
     if session.get(Device, device_id) is not None:
         raise ConflictError(f"device {device_id!r} is already enrolled")
     password = secrets.token_urlsafe(24)

@@ -21,6 +21,7 @@ from sqlalchemy import Engine, text
 from server.db import make_engine, session_factory, upgrade_schema
 from server.models import Base
 from server.settings import Settings
+from tests.mosquitto import Mosquitto, free_port
 
 PG_ADMIN_URL = os.environ.get("EDGEFLEET_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
 
@@ -177,6 +178,63 @@ def make_api(settings: Settings, engine: Engine) -> Api:
     tokens = bootstrap_tokens(sessions)
     app = create_app(settings, engine=engine)
     return Api(TestClient(app), tokens, settings, sessions, app)
+
+
+@dataclass
+class ManagedBroker:
+    """A real Mosquitto on the configuration and files the server generates.
+
+    ``broker.port`` is the device listener, ``server_port`` the replicas' own.
+    """
+
+    broker: Mosquitto
+    server_port: int
+    settings: Settings
+    api: Api
+
+    def close(self) -> None:
+        self.broker.kill()
+
+
+def managed_broker(
+    tmp: Path, db_url: str, keys: Keys, engine: Engine, **overrides: Any
+) -> ManagedBroker:
+    """Settings with server-managed broker files, the app (which writes them), and the broker.
+
+    The broker runs ``server.services.broker.mosquitto_conf`` for those
+    settings: a device listener (device logins, client id = login) and a
+    server listener (the replicas' login only), both on 127.0.0.1.
+    """
+    import getpass
+
+    from server.services.broker import Listener, mosquitto_conf
+
+    workdir = tmp / "mosquitto"
+    device_port, server_port = free_port(), free_port()
+    while server_port == device_port:
+        server_port = free_port()
+    values: dict[str, Any] = {
+        "mqtt_url": f"mqtt://127.0.0.1:{server_port}",
+        "device_mqtt_url": f"mqtt://127.0.0.1:{device_port}",
+        "mqtt_password": "server-secret",
+        "mosquitto_password_file": workdir / "passwd",
+        "mosquitto_acl_file": workdir / "acl",
+        "mosquitto_pid_file": workdir / "mosquitto.pid",
+    }
+    values.update(overrides)
+    settings = make_settings(tmp, db_url, keys, **values)
+    api = make_api(settings, engine)  # writes the three files (nothing to SIGHUP yet)
+    conf = mosquitto_conf(
+        settings,
+        devices=[Listener("127.0.0.1", device_port)],
+        server=Listener("127.0.0.1", server_port),
+        persistence_dir=workdir,
+        log_file=workdir / "mosquitto.log",
+        run_as_user=getpass.getuser() if os.geteuid() == 0 else None,
+    )
+    mq = Mosquitto(workdir, port=device_port, config_text=conf)
+    mq.start()
+    return ManagedBroker(mq, server_port, settings, api)
 
 
 @pytest.fixture

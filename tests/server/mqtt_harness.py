@@ -54,6 +54,7 @@ class Probe:
         self.rc: Any = None
         self.messages: list[tuple[str, bytes, bool]] = []
         self.granted: list[int] = []
+        self.disconnects = 0  # DISCONNECTs and dropped connections seen by this client
         self.lock = threading.Lock()
         self._suback = threading.Event()
         self.c = mqtt.Client(
@@ -64,11 +65,16 @@ class Probe:
         if user is not None:
             self.c.username_pw_set(user, password)
         self.c.on_connect = lambda c, u, f, rc, p: setattr(self, "rc", rc)
+        self.c.on_disconnect = self._on_disconnect
         self.c.on_message = self._on_message
         self.c.on_subscribe = self._on_subscribe
         self.c.connect("127.0.0.1", port)
         self.c.loop_start()
         assert wait_until(lambda: self.rc is not None, 5), "no CONNACK"
+
+    def _on_disconnect(self, client: Any, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
+        with self.lock:
+            self.disconnects += 1
 
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
         with self.lock:
@@ -123,6 +129,7 @@ class Harness:
     api: Api
     settings: Settings
     services: list[MqttService] = field(default_factory=list)
+    server_port: int | None = None  # the replicas' own listener, on a generated configuration
 
     def service(self, **overrides: Any) -> MqttService:
         """Start a replica (settings overrides: ``telemetry_subscription``, ...)."""
@@ -185,7 +192,7 @@ def make_harness(
         db_url,
         keys,
         mqtt_url=f"mqtt://127.0.0.1:{broker.port}",
-        mqtt_client_id=f"srv-{uuid.uuid4().hex[:6]}",
+        mqtt_client_id=f"edgefleet-server-{uuid.uuid4().hex[:6]}",
         desired_poll_seconds=0.1,
         ingest_batch_seconds=0.05,
         **settings_overrides,

@@ -12,6 +12,8 @@ a real agent daemon.
 
 from __future__ import annotations
 
+import socket
+import time
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -36,8 +38,8 @@ from edgefleet.timeutil import utcnow
 from edgefleet.topics import DeviceTopic, GroupTopic
 from server.db import make_engine, upgrade_schema
 from server.services import desired
-from tests.mosquitto import Mosquitto, wait_until
-from tests.server.conftest import Keys, make_api, make_settings
+from tests.mosquitto import wait_until
+from tests.server.conftest import Keys, managed_broker
 from tests.server.mqtt_harness import Harness, Probe, record
 
 SERVER_PASSWORD = "server-secret"
@@ -45,52 +47,43 @@ SERVER_PASSWORD = "server-secret"
 
 @pytest.fixture
 def secured(tmp_path: Path, keys: Keys) -> Iterator[Harness]:
-    """Server-managed broker files, a broker on them, and the server's MQTT service."""
-    mq = Mosquitto(
-        tmp_path / "mosquitto",
-        users={"edgefleet-server": SERVER_PASSWORD},
-        acl="",
-        persistence=False,
-    )
-    mq.start()
-    assert mq.proc is not None
-    pid_file = tmp_path / "mosquitto.pid"
-    pid_file.write_text(f"{mq.proc.pid}\n")
+    """The server's generated broker configuration and files, and the server's MQTT service."""
     db_url = f"sqlite:///{tmp_path / 'secured.db'}"
     engine = make_engine(db_url)
     upgrade_schema(engine)
-    settings = make_settings(
+    managed = managed_broker(
         tmp_path,
         db_url,
         keys,
-        mqtt_url=f"mqtt://127.0.0.1:{mq.port}",
+        engine,
         mqtt_password=SERVER_PASSWORD,
-        mqtt_client_id="edgefleet-server-test",
-        mosquitto_password_file=mq.workdir / "passwords",
-        mosquitto_acl_file=mq.workdir / "acl",
-        mosquitto_pid_file=pid_file,
         desired_poll_seconds=0.1,
         ingest_batch_seconds=0.05,
     )
-    api = make_api(settings, engine)  # rewrites both files from the database, SIGHUPs the broker
-    assert "pattern read edgefleet/v1/devices/%u/desired" in (mq.workdir / "acl").read_text()
-    api.client.__enter__()
-    h = Harness(tmp_path, mq, engine, api, settings)
+    acl = managed.settings.mosquitto_acl_file
+    assert acl is not None and "pattern read edgefleet/v1/devices/%u/desired" in acl.read_text()
+    managed.api.client.__enter__()
+    h = Harness(
+        tmp_path, managed.broker, engine, managed.api, managed.settings,
+        server_port=managed.server_port,
+    )  # fmt: skip
     try:
         yield h
     finally:
         h.close()
-        api.client.__exit__(None, None, None)
+        managed.api.client.__exit__(None, None, None)
         engine.dispose()
-        mq.kill()
+        managed.close()
 
 
-def _login(h: Harness, user: str, password: str) -> Probe:
-    """Log in, retrying while the broker applies the SIGHUP reload."""
+def _login(
+    h: Harness, user: str, password: str, *, port: int | None = None, client_id: str | None = None
+) -> Probe:
+    """Log in (device listener unless ``port``), retrying while the broker applies a reload."""
     probes: list[Probe] = []
 
     def attempt() -> bool:
-        probe = Probe(h.broker.port, user=user, password=password)
+        probe = Probe(port or h.broker.port, client_id, user=user, password=password)
         if probe.accepted:
             probes.append(probe)
             return True
@@ -229,7 +222,7 @@ def test_forged_desired_state_from_a_broker_writer_is_ignored_by_the_agent(
     try:
         assert daemon.conn.wait_connected(10), daemon.conn.last_error
         # An admin with broker write access (the server's login) but no director key.
-        admin = _login(h, "edgefleet-server", SERVER_PASSWORD)
+        admin = _login(h, "edgefleet-server", SERVER_PASSWORD, port=h.server_port)
         v1 = h.api.get("/api/v1/models/m/versions/1").json()["bundle"]
         now = utcnow()
         forged = DesiredState(
@@ -261,3 +254,146 @@ def test_forged_desired_state_from_a_broker_writer_is_ignored_by_the_agent(
     finally:
         daemon.stop()
         agent.close()
+
+
+# ---------------------------------------------------------------------------
+# Session takeover and shared-subscription attacks (issue 9). Each fails on a
+# broker configured the old way (one listener, no username-as-client-id, a
+# guessable share group) and holds on the generated configuration.
+
+
+def _telemetry(probe: Probe, device: str, seqs: range) -> list[int]:
+    return [
+        probe.publish(str(DeviceTopic.telemetry(device)), record(device, s).to_bytes())
+        for s in seqs
+    ]
+
+
+def test_attack_client_id_takeover_of_the_server_session_is_refused(fleet: dict[str, Any]) -> None:
+    h, creds, svc = fleet["h"], fleet["creds"], fleet["svc"]
+    victim = _login(h, "dev-b", creds["b"])
+    connects = svc.connection.connects
+    guesses = [
+        h.settings.effective_mqtt_client_id,  # even the real one, if A learned it
+        f"edgefleet-server-{socket.gethostname()}",  # the old default
+        "edgefleet-server",
+    ]
+    attackers: list[Probe] = []
+    codes: list[int] = []
+    for i in range(15):  # an attacker reconnecting in a loop while B sends telemetry
+        attacker = Probe(h.broker.port, guesses[i % 3], user="dev-a", password=creds["a"])
+        assert attacker.accepted  # A's login is valid; only the session name is A's own
+        attackers.append(attacker)
+        codes += _telemetry(victim, "dev-b", range(4 * i + 1, 4 * i + 5))
+    assert codes == [0] * 60  # the broker acknowledged all 60 records to B ...
+    assert wait_until(lambda: h.telemetry_count("dev-b") == 60, 15)  # ... and all are stored
+    assert svc.connection.connects == connects, "the server's session was taken over"
+    # On the replicas' own listener, A's login is refused whatever client id it names.
+    on_server = Probe(
+        h.server_port or 0, h.settings.effective_mqtt_client_id, user="dev-a", password=creds["a"]
+    )
+    assert not on_server.accepted
+    for probe in (*attackers, victim, on_server):
+        probe.close()
+
+
+def test_attack_client_id_takeover_of_another_device_is_refused(fleet: dict[str, Any]) -> None:
+    h, creds = fleet["h"], fleet["creds"]
+    victim = _login(h, "dev-b", creds["b"], client_id="dev-b")
+    assert victim.subscribe(str(DeviceTopic.desired("dev-b"))) == 1
+    assert wait_until(lambda: victim.received(str(DeviceTopic.desired("dev-b"))), 5)
+    attackers = [
+        Probe(h.broker.port, "dev-b", user="dev-a", password=creds["a"]) for _ in range(10)
+    ]
+    assert all(a.accepted for a in attackers)
+    time.sleep(0.5)  # a takeover would have disconnected B by now
+    assert victim.disconnects == 0, "device A's client id 'dev-b' kicked device B"
+    # A never sees B's session: no queued or retained message of B reaches it.
+    assert all(not a.messages for a in attackers)
+    assert victim.publish(str(DeviceTopic.telemetry("dev-b")), record("dev-b", 1).to_bytes()) == 0
+    assert wait_until(lambda: h.telemetry_count("dev-b") == 1, 10)
+    for probe in (*attackers, victim):
+        probe.close()
+
+
+def _guessed_share_filters(h: Harness, channel: str) -> list[str]:
+    prefix = h.settings.mqtt_share_group
+    return [
+        f"$share/{group}/edgefleet/v1/devices/+/{channel}"
+        for group in (f"{prefix}-chunks", f"{prefix}-ingest", prefix, "edgefleet")
+    ]
+
+
+def test_attack_shared_subscription_starves_the_chunk_service_is_refused(
+    fleet: dict[str, Any],
+) -> None:
+    h, creds = fleet["h"], fleet["creds"]
+    attacker = _login(h, "dev-a", creds["a"])
+    for f in _guessed_share_filters(h, "chunks/req"):
+        attacker.subscribe(f)  # Mosquitto 2.0 grants it; the ACL is applied at delivery
+    victim = _login(h, "dev-b", creds["b"])
+    assert victim.subscribe(str(DeviceTopic.chunk_data("dev-b"))) == 1
+    topic = str(DeviceTopic.chunk_data("dev-b"))
+    for i in range(20):  # one at a time: a request dealt to the attacker is never answered
+        request = plan_request("m-1", Bitmap(4), 1024, max_blocks=1, token=f"t{i}")
+        assert request is not None
+        assert victim.publish(str(DeviceTopic.chunk_request("dev-b")), request.to_bytes()) == 0
+        assert wait_until(lambda n=i + 1: len(victim.received(topic)) == n, 5), (
+            f"chunk request {i} of B was not answered"
+        )
+    assert attacker.messages == []
+    attacker.close()
+    victim.close()
+
+
+def test_attack_shared_subscription_loses_shared_mode_telemetry_is_refused(
+    secured: Harness,
+) -> None:
+    h = secured
+    creds = {"a": h.enroll("dev-a"), "b": h.enroll("dev-b")}
+    h.service(telemetry_subscription="shared")
+    attacker = _login(h, "dev-a", creds["a"])
+    for f in _guessed_share_filters(h, "telemetry"):
+        attacker.subscribe(f)
+    victim = _login(h, "dev-b", creds["b"])
+    assert _telemetry(victim, "dev-b", range(1, 61)) == [0] * 60
+    assert wait_until(lambda: h.telemetry_count("dev-b") == 60, 15), h.telemetry_count("dev-b")
+    assert attacker.messages == []
+    attacker.close()
+    victim.close()
+
+
+def test_attack_system_topics_and_whole_tree_reveal_nothing(fleet: dict[str, Any]) -> None:
+    h, creds = fleet["h"], fleet["creds"]
+    attacker = _login(h, "dev-a", creds["a"])
+    for f in ("$SYS/#", "#", "+/#", "$share/x/#", "$share/y/$SYS/#"):
+        attacker.subscribe(f)
+    victim = _login(h, "dev-b", creds["b"])
+    assert victim.publish(str(DeviceTopic.telemetry("dev-b")), record("dev-b", 1).to_bytes()) == 0
+    assert wait_until(lambda: h.telemetry_count("dev-b") == 1, 10)
+    time.sleep(0.3)
+    assert attacker.messages == []
+    attacker.close()
+    victim.close()
+
+
+def test_attack_device_logins_on_the_server_listener_and_server_login_on_device_listener(
+    fleet: dict[str, Any],
+) -> None:
+    h, creds = fleet["h"], fleet["creds"]
+    assert not Probe(h.server_port or 0, "x", user="dev-a", password=creds["a"]).accepted
+    assert not Probe(h.broker.port, "y", user="edgefleet-server", password=SERVER_PASSWORD).accepted
+    assert _login(h, "edgefleet-server", SERVER_PASSWORD, port=h.server_port).accepted
+
+
+def test_attack_enrolling_a_device_in_the_server_namespace_is_refused(secured: Harness) -> None:
+    h = secured
+    for device_id in (
+        "edgefleet-server",
+        "edgefleet-server-x",
+        h.settings.effective_mqtt_client_id,
+    ):
+        r = h.api.post(
+            "/api/v1/devices", role="operator", json={"device_id": device_id, "device_class": "cam"}
+        )
+        assert r.status_code == 409 and "namespace" in r.json()["detail"], r.text

@@ -15,8 +15,8 @@ from edgefleet.messages import DeviceFactsMessage, ModelRef, StatusMessage, Upda
 from edgefleet.topics import DeviceTopic, GroupTopic
 from server import metrics
 from server.services import broker, fleet
-from tests.mosquitto import Mosquitto, wait_until
-from tests.server.conftest import Api, Keys, make_api, make_settings
+from tests.mosquitto import wait_until
+from tests.server.conftest import Api, Keys, make_api, make_settings, managed_broker
 
 SERVER_PASSWORD = "server-secret"
 
@@ -60,32 +60,14 @@ class Client:
 
 @pytest.fixture
 def broker_api(tmp_path: Path, db_url: str, keys: Keys, engine):
-    """A real broker whose password/ACL files the server manages, reloaded by SIGHUP."""
-    mq = Mosquitto(
-        tmp_path / "mosquitto",
-        users={"edgefleet-server": SERVER_PASSWORD},
-        acl="",
-        persistence=False,
-    )
-    mq.start()
-    assert mq.proc is not None
-    pid_file = tmp_path / "mosquitto.pid"
-    pid_file.write_text(f"{mq.proc.pid}\n")
-    settings = make_settings(
-        tmp_path,
-        db_url,
-        keys,
-        mqtt_url=f"mqtt://127.0.0.1:{mq.port}",
-        mqtt_password=SERVER_PASSWORD,
-        mosquitto_password_file=mq.workdir / "passwords",
-        mosquitto_acl_file=mq.workdir / "acl",
-        mosquitto_pid_file=pid_file,
-    )
-    api = make_api(settings, engine)
+    """A real broker on the server's generated configuration and files, reloaded by SIGHUP."""
+    managed = managed_broker(tmp_path, db_url, keys, engine, mqtt_password=SERVER_PASSWORD)
+    api, mq = managed.api, managed.broker
     clients: list[Client] = []
 
-    def connect(user: str, password: str) -> Client:
-        client = Client(mq.port, user, password)
+    def connect(user: str, password: str, *, server: bool = False) -> Client:
+        """Log in on the device listener (``server``: on the replicas' listener)."""
+        client = Client(managed.server_port if server else mq.port, user, password)
         clients.append(client)
         return client
 
@@ -93,7 +75,7 @@ def broker_api(tmp_path: Path, db_url: str, keys: Keys, engine):
         yield api, mq, connect
     for c in clients:
         c.close()
-    mq.kill()
+    managed.close()
 
 
 def _connects_eventually(connect, user: str, password: str) -> bool:
@@ -120,12 +102,13 @@ def test_enrolled_device_connects_to_real_broker_wrong_password_refused(broker_a
     assert body["mqtt_url"] == f"mqtt://127.0.0.1:{mq.port}"
     assert body["trust_root"]["signed"]["_type"] == "edgefleet-trust-root"
     password = body["mqtt_password"]
-    assert password not in (mq.workdir / "passwords").read_text()
+    assert password not in (mq.workdir / "passwd").read_text()
     assert _connects_eventually(connect, "cam-1", password), mq.log()
     assert not connect("cam-1", password + "x").accepted
     assert not connect("cam-2", password).accepted
-    # the server's own login still works after the rewrite
-    assert connect("edgefleet-server", SERVER_PASSWORD).accepted
+    # the server's own login still works after the rewrite, on its own listener only
+    assert connect("edgefleet-server", SERVER_PASSWORD, server=True).accepted
+    assert not connect("edgefleet-server", SERVER_PASSWORD).accepted
 
 
 def test_acl_device_confined_to_its_topics(broker_api) -> None:
@@ -139,7 +122,7 @@ def test_acl_device_confined_to_its_topics(broker_api) -> None:
         )
         creds[dev] = r.json()["mqtt_password"]
     assert _connects_eventually(connect, "cam-2", creds["cam-2"]), mq.log()
-    server = connect("edgefleet-server", SERVER_PASSWORD)
+    server = connect("edgefleet-server", SERVER_PASSWORD, server=True)
     server.subscribe("edgefleet/v1/devices/+/telemetry", "edgefleet/v1/devices/+/status")
     for topic in (
         DeviceTopic.desired("cam-1"),
@@ -209,7 +192,8 @@ def test_hash_compatible_with_mosquitto_passwd(tmp_path: Path) -> None:
         ({"device_class": "cam", "groups": ["#"]}, "group"),
         ({"device_class": "cam", "tags": ["has space"]}, "tag"),
         ({"device_class": "c/d"}, "device_class"),
-        ({"device_class": "cam", "device_id": "edgefleet-server"}, "broker username"),
+        ({"device_class": "cam", "device_id": "edgefleet-server"}, "broker namespace"),
+        ({"device_class": "cam", "device_id": "edgefleet-server-2"}, "broker namespace"),
     ],
 )
 def test_enroll_bad_input_rejected(api: Api, body: dict, needle: str) -> None:
@@ -342,8 +326,11 @@ def test_concurrent_enrollments_all_reach_the_password_file(api: Api) -> None:
     for t in threads:
         t.join()
     assert not errors
-    users = {
-        line.split(":", 1)[0]
-        for line in api.settings.mosquitto_password_file.read_text().splitlines()
+
+    def users(path: Path) -> set[str]:
+        return {line.split(":", 1)[0] for line in path.read_text().splitlines()}
+
+    assert users(api.settings.mosquitto_password_file) == {
+        f"r{n}-{i}" for n in range(3) for i in range(5)
     }
-    assert users == {"edgefleet-server"} | {f"r{n}-{i}" for n in range(3) for i in range(5)}
+    assert users(api.settings.effective_mosquitto_server_password_file) == {"edgefleet-server"}

@@ -44,7 +44,7 @@ def enroll(
         device=present.device(result.device),
         mqtt_username=result.mqtt_username,
         mqtt_password=result.mqtt_password,
-        mqtt_url=settings.mqtt_url,
+        mqtt_url=settings.effective_device_mqtt_url,
         trust_root=root.to_dict() if root is not None else None,
         broker=_broker(sync),
     )
