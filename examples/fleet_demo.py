@@ -110,7 +110,10 @@ class Fleet:
         self.workdir = Path(workdir).resolve()
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.data_dir = self.workdir / "server-data"
-        self.broker_port = free_port()
+        self.broker_port = free_port()  # the devices' listener
+        self.server_broker_port = free_port()  # the replicas' own listener
+        while self.server_broker_port == self.broker_port:
+            self.server_broker_port = free_port()
         self.http_port = free_port()
         self.url = f"http://127.0.0.1:{self.http_port}"
         self.extra_env = dict(server_env or {})
@@ -132,8 +135,9 @@ class Fleet:
                 "EDGEFLEET_ENV": "demo",
                 "EDGEFLEET_DATA_DIR": str(self.data_dir),
                 "EDGEFLEET_PORT": str(self.http_port),
-                "EDGEFLEET_MQTT_URL": f"mqtt://127.0.0.1:{self.broker_port}",
-                "EDGEFLEET_MQTT_CLIENT_ID": "fleet-demo-server",
+                "EDGEFLEET_MQTT_URL": f"mqtt://127.0.0.1:{self.server_broker_port}",
+                "EDGEFLEET_DEVICE_MQTT_URL": f"mqtt://127.0.0.1:{self.broker_port}",
+                "EDGEFLEET_MQTT_CLIENT_ID": "edgefleet-server-fleet-demo",
                 "EDGEFLEET_MOSQUITTO_PID_FILE": str(self.workdir / "mosquitto" / "mosquitto.pid"),
                 "EDGEFLEET_WORKER_POLL_SECONDS": "0.2",
                 "EDGEFLEET_DESIRED_POLL_SECONDS": "0.2",
@@ -193,30 +197,35 @@ class Fleet:
     # ------------------------------------------------------------------ broker
 
     def start_broker(self, timeout_s: float = 10.0) -> None:
-        """Start Mosquitto on the files the server manages (written at its start)."""
+        """Start Mosquitto on the configuration the server generates for its own files.
+
+        ``edgefleet server broker-config`` (the production configuration: a
+        device listener where the session is named after the login, and the
+        replicas' own listener) is run with the server's environment.
+        """
         mdir = self.workdir / "mosquitto"
         mdir.mkdir(exist_ok=True)
         passwd = self.data_dir / "mosquitto" / "passwd"
         acl = self.data_dir / "mosquitto" / "acl"
         wait_for("the server's broker files", lambda: passwd.exists() and acl.exists(), 10)
-        lines = [
-            "per_listener_settings false",
-            f"listener {self.broker_port} 127.0.0.1",
-            "allow_anonymous false",
-            f"password_file {passwd}",
-            f"acl_file {acl}",
-            f"pid_file {mdir / 'mosquitto.pid'}",
-            "persistence true",
-            f"persistence_location {mdir}/",
-            f"log_dest file {mdir / 'mosquitto.log'}",
-            "max_queued_messages 100000",
-        ]
+        conf = mdir / "mosquitto.conf"
+        argv = [
+            sys.executable, "-m", "edgefleet.cli", "server", "broker-config",
+            "--device-listener", f"127.0.0.1:{self.broker_port}",
+            "--server-listener", f"127.0.0.1:{self.server_broker_port}",
+            "--persistence-dir", str(mdir),
+            "--log-file", str(mdir / "mosquitto.log"),
+            "--out", str(conf),
+        ]  # fmt: skip
         if os.geteuid() == 0:
             import getpass
 
-            lines.append(f"user {getpass.getuser()}")
-        conf = mdir / "mosquitto.conf"
-        conf.write_text("\n".join(lines) + "\n")
+            argv += ["--user", getpass.getuser()]
+        done = subprocess.run(
+            argv, env=self.server_environment(), capture_output=True, cwd=self.workdir, check=False
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"server broker-config failed: {done.stderr.decode()[-2000:]}")
         binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         self.broker = subprocess.Popen(
             [binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL

@@ -69,6 +69,40 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     mig.add_argument("--config", type=Path, default=None)
     mig.add_argument("--json", action="store_true")
     mig.set_defaults(func=_server_migrate)
+    bc = ssub.add_parser(
+        "broker-config",
+        help="print the mosquitto.conf for the broker files this server manages",
+        description=(
+            "The Mosquitto configuration that goes with the server's password and ACL files: "
+            "device listeners (device logins; the session is named after the login) and the "
+            "replicas' own listener (server logins only). See docs/server.md."
+        ),
+    )
+    bc.add_argument("--config", type=Path, default=None, help="TOML settings file")
+    bc.add_argument(
+        "--device-listener",
+        action="append",
+        default=None,
+        metavar="HOST:PORT",
+        help="a device listener (repeatable; default: the host and port of device_mqtt_url)",
+    )
+    bc.add_argument(
+        "--server-listener",
+        default=None,
+        metavar="HOST:PORT",
+        help="the replicas' listener (default: the host and port of mqtt_url)",
+    )
+    bc.add_argument("--cafile", type=Path, default=None, help="TLS CA for the device listeners")
+    bc.add_argument("--certfile", type=Path, default=None, help="TLS certificate (device side)")
+    bc.add_argument("--keyfile", type=Path, default=None, help="TLS private key (device side)")
+    bc.add_argument(
+        "--persistence-dir", type=Path, required=True, help="Mosquitto's persistence_location"
+    )
+    bc.add_argument("--log-file", type=Path, default=None, help="log_dest file (default stderr)")
+    bc.add_argument("--user", default=None, help="Mosquitto's 'user' option (run as this user)")
+    bc.add_argument("--out", type=Path, default=None, help="write the file here (atomically)")
+    bc.add_argument("--json", action="store_true", help="print one JSON object")
+    bc.set_defaults(func=_server_broker_config)
 
     tok = sub.add_parser("tokens", help="API tokens (admin)")
     tsub = tok.add_subparsers(dest="tokens_command", metavar="VERB", required=True)
@@ -411,6 +445,69 @@ def _server_migrate(args: argparse.Namespace) -> int:
         args.json,
         lambda r: console.print(f"schema at revision {r['schema_revision']}"),
     )
+    return 0
+
+
+def _listener_address(text: str, what: str) -> tuple[str, int]:
+    from server.settings import ConfigError
+
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ConfigError(f"{what} {text!r} must look like HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+def _url_address(url: str | None, what: str) -> tuple[str, int]:
+    from urllib.parse import urlsplit
+
+    from server.settings import ConfigError
+
+    if not url:
+        raise ConfigError(f"give --{what} HOST:PORT (no URL is configured for it)")
+    parts = urlsplit(url)
+    return str(parts.hostname), parts.port or (8883 if parts.scheme == "mqtts" else 1883)
+
+
+def _server_broker_config(args: argparse.Namespace) -> int:
+    from edgefleet.fsutil import atomic_write_bytes
+    from server.services.broker import Listener, mosquitto_conf
+    from server.settings import ConfigError
+
+    try:
+        settings = _settings(args)
+        tls = {"cafile": args.cafile, "certfile": args.certfile, "keyfile": args.keyfile}
+        if args.device_listener:
+            addresses = [_listener_address(x, "--device-listener") for x in args.device_listener]
+        else:
+            addresses = [_url_address(settings.device_mqtt_url, "device-listener")]
+        if args.server_listener:
+            server_address = _listener_address(args.server_listener, "--server-listener")
+        else:
+            server_address = _url_address(settings.mqtt_url, "server-listener")
+        try:
+            devices = [Listener(host, port, **tls) for host, port in addresses]
+            server = Listener(*server_address)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        text = mosquitto_conf(
+            settings,
+            devices=devices,
+            server=server,
+            persistence_dir=args.persistence_dir.resolve(),
+            log_file=args.log_file.resolve() if args.log_file else None,
+            run_as_user=args.user,
+        )
+        if args.out is not None:
+            atomic_write_bytes(args.out, text.encode(), mode=0o640)
+    except ConfigError as exc:
+        return emit_error("ConfigError", 1, str(exc), args.json)
+    except OSError as exc:
+        return emit_error("OSError", 1, f"cannot write {args.out}: {exc}", args.json)
+    result = {"ok": True, "path": str(args.out) if args.out else None, "config": text}
+    if args.out is not None and not args.json:
+        console.print(f"wrote {args.out}")
+    else:
+        emit(result, args.json, lambda r: print(r["config"], end=""))
     return 0
 
 

@@ -12,6 +12,7 @@ a real agent daemon.
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 from collections.abc import Iterator
@@ -397,3 +398,33 @@ def test_attack_enrolling_a_device_in_the_server_namespace_is_refused(secured: H
             "/api/v1/devices", role="operator", json={"device_id": device_id, "device_class": "cam"}
         )
         assert r.status_code == 409 and "namespace" in r.json()["detail"], r.text
+
+
+def test_broker_config_cli_writes_the_configuration_the_attack_tests_run(
+    secured: Harness,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from edgefleet.cli import main
+    from server.services.broker import Listener, mosquitto_conf
+
+    s = secured.settings
+    for key in ("mqtt_url", "device_mqtt_url", "mqtt_password", "trust_root",
+                "mosquitto_password_file", "mosquitto_acl_file", "mosquitto_pid_file"):  # fmt: skip
+        monkeypatch.setenv(f"EDGEFLEET_{key.upper()}", str(getattr(s, key).get_secret_value()
+                           if key == "mqtt_password" else getattr(s, key)))  # fmt: skip
+    out = tmp_path / "out" / "mosquitto.conf"
+    (tmp_path / "out").mkdir()
+    rc = main(["server", "broker-config", "--persistence-dir", str(tmp_path), "--out", str(out)])
+    assert rc == 0, capsys.readouterr()
+    device = Listener("127.0.0.1", secured.broker.port)
+    server = Listener("127.0.0.1", secured.server_port or 0)
+    assert out.read_text() == mosquitto_conf(
+        s, devices=[device], server=server, persistence_dir=tmp_path
+    )
+    capsys.readouterr()
+    assert main(["server", "broker-config", "--persistence-dir", "x", "--server-listener",
+                 "nope", "--json"]) == 1  # fmt: skip
+    err = json.loads(capsys.readouterr().out)
+    assert err["error"] == "ConfigError" and "HOST:PORT" in err["message"]
