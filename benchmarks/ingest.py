@@ -282,7 +282,7 @@ def run_pass(
             "EDGEFLEET_DATA_DIR": str(workdir / f"data-{label}"),
             "EDGEFLEET_DATABASE_URL": db_url,
             "EDGEFLEET_MQTT_URL": f"mqtt://127.0.0.1:{port}",
-            "EDGEFLEET_MQTT_CLIENT_ID": f"bench-{label}-{uuid.uuid4().hex[:6]}",
+            "EDGEFLEET_MQTT_CLIENT_ID": f"edgefleet-server-bench-{label}-{uuid.uuid4().hex[:6]}",
         }
     )
     server = subprocess.Popen(
