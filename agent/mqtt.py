@@ -8,40 +8,31 @@ full jitter before trying again. Callers publish from any thread; incoming
 messages and PUBACKs are handed to the callbacks given at construction, on the
 network thread (handlers must be quick: the daemon queues the work).
 
-Guarantees:
-
-* Every paho or OS failure is converted here into a ``MqttError`` subclass of
-  ``edgefleet.errors.TransportError`` (``raise ... from``); nothing from paho
-  escapes. The last connection failure is kept in ``last_error``.
-* Subscriptions are recorded and re-sent on every successful CONNACK, so they
-  survive a broker that lost the session (``active_subscriptions`` holds the
-  filters the broker acknowledged on the current connection).
-* QoS 1 messages published while disconnected are queued by paho and re-sent
-  after reconnecting (same packet id); ``on_ack`` is called exactly once per
-  acknowledged publish with the MQTT 5 PUBACK reason code, even when the
-  PUBACK races the return of ``publish``.
-* The broker keeps the session (subscriptions, queued QoS 1 messages) for
-  ``session_expiry_s`` while the agent is away, including across broker
-  restarts when the broker persists sessions.
-
-The connection core (reconnect loop, error conversion, PUBACK and SUBACK
-tracking) is ``agent.mqttcore.MqttSession``, shared with the server's
-``server.mqtt.connection.BrokerConnection``; this module adds the device's
-options (TLS with client certificates, the last will) and its message handler.
+Guarantees: those of the shared core, ``edgefleet.mqttcore.MqttSession``
+(reconnect loop with full-jitter backoff, every paho/OS failure converted to
+``MqttError``, subscriptions re-sent on every CONNACK, QoS 1 publishes queued
+while disconnected with exactly one ``on_ack`` each, handler bugs contained),
+plus: the broker keeps the session (subscriptions, queued QoS 1 messages)
+for ``session_expiry_s`` while the agent is away, including across broker
+restarts when the broker persists sessions. This module adds the device's
+options (TLS with client certificates, the last will) and its message
+handler.
 """
 
 from __future__ import annotations
 
+import logging
 import random
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import paho.mqtt.client as paho
 from paho.mqtt.properties import Properties
 
-from agent.mqttcore import (
+from edgefleet.mqttcore import (
     PERMANENT_PUBACK_CODES,
     AckHandler,
     BrokerUnavailableError,
@@ -148,6 +139,8 @@ MessageHandler = Callable[[str, bytes, bool], None]  # topic, payload, retained
 
 class MqttConnection(MqttSession[MqttOptions]):
     """One MQTT 5 session to the broker, kept alive by an explicit reconnect loop."""
+
+    _log: ClassVar[logging.Logger] = logging.getLogger("agent.mqtt")
 
     def __init__(
         self,

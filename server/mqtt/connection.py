@@ -9,7 +9,10 @@ subscriptions. Each incoming message is handed to ``on_message`` as a
 ``Delivery`` on the network thread; the handler queues it, and whoever
 finishes the work calls ``ack(delivery)``.
 
-Guarantees:
+Guarantees: those of the shared core, ``edgefleet.mqttcore.MqttSession``
+(reconnect loop, error conversion to ``MqttError``, subscriptions re-sent on
+every CONNACK, QoS 1 publishes queued while disconnected with exactly one
+``on_ack`` each), plus:
 
 * Manual acknowledgement: a QoS 1 message is PUBACKed only when ``ack`` is
   called, i.e. after the ingester committed it. A replica killed before that
@@ -18,16 +21,9 @@ Guarantees:
 * An ack for a delivery received on an earlier connection is not sent (its
   packet id belongs to that connection): the broker re-sends the message and
   it is acknowledged then.
-* Every paho or OS failure is converted here into an ``MqttError`` subclass of
-  ``edgefleet.errors.TransportError`` (``raise ... from``); nothing from paho
-  escapes. The newest failure is kept in ``last_error``.
-* QoS 1 publishes made while disconnected are kept by paho (up to
-  ``max_queued_messages``) and sent after reconnecting; ``on_ack`` receives
-  the PUBACK reason code exactly once.
 
-The reconnect loop, error conversion and PUBACK/SUBACK tracking are the
-agent's ``agent.mqttcore.MqttSession`` (the agent package is light); this
-module adds the replica's options, manual acknowledgements and ``Delivery``.
+This module adds the replica's options, manual acknowledgements and
+``Delivery``.
 """
 
 from __future__ import annotations
@@ -44,7 +40,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.properties import Properties
 
-from agent.mqttcore import (
+from edgefleet.mqttcore import (
     AckHandler,
     BrokerUnavailableError,
     MqttError,

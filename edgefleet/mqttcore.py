@@ -25,8 +25,11 @@ Guarantees:
 
 ``agent.mqtt.MqttConnection`` (the device) and
 ``server.mqtt.connection.BrokerConnection`` (a server replica, with manual
-acknowledgements) are the two subclasses. This module imports nothing
-outside paho and ``edgefleet``.
+acknowledgements) are the two subclasses; each states only what it adds.
+This module lives in the shared package because both sides run it; it
+imports nothing outside paho and ``edgefleet`` (paho comes with both the
+``agent`` and the ``server`` extra, not with the base install, so nothing in
+the base install imports this module).
 """
 
 from __future__ import annotations
@@ -68,7 +71,7 @@ __all__ = [
     "backoff_delay",
 ]
 
-log = logging.getLogger("agent.mqtt")
+log = logging.getLogger("edgefleet.mqtt")
 
 # PUBACK reason codes after which re-sending the same message cannot succeed.
 PERMANENT_PUBACK_CODES = frozenset(
