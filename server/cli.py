@@ -32,7 +32,7 @@ from typing import Any
 
 from edgefleet.console import console, emit, emit_error, kv_table, positive_int
 
-__all__ = ["add_parser"]
+__all__ = ["add_parser", "uvicorn_config"]
 
 EXIT_TAMPERED = 10
 
@@ -323,8 +323,17 @@ def _server_run(args: argparse.Namespace) -> int:
     if token:
         console.print(f"[bold]demo admin token[/] (also in {settings.data_dir / 'admin-token'}):")
         console.print(token)
-    uvicorn.run(app, host=args.host or settings.host, port=args.port or settings.port)
+    uvicorn.Server(uvicorn_config(app, settings, host=args.host, port=args.port)).run()
     return 0
+
+
+def uvicorn_config(
+    app: Any, settings: Any, *, host: str | None = None, port: int | None = None
+) -> Any:
+    """The ``uvicorn.Config`` that ``server run`` serves ``app`` with (tests start it too)."""
+    import uvicorn
+
+    return uvicorn.Config(app, host=host or settings.host, port=port or settings.port)
 
 
 def _server_mqtt(args: argparse.Namespace) -> int:
