@@ -28,6 +28,7 @@ from sqlalchemy.exc import DataError, IntegrityError
 
 from edgefleet import __version__
 from server import metrics
+from server.api.guard import RequestGuard, error_response
 from server.api.routes import (
     audit,
     deployments,
@@ -39,7 +40,7 @@ from server.api.routes import (
     tokens,
 )
 from server.db import make_engine, session_factory, upgrade_schema
-from server.errors import RateLimitedError, ServerError
+from server.errors import ServerError
 from server.services import broker
 from server.services import tokens as token_service
 from server.services.jobs import Worker
@@ -115,12 +116,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> FastAPI:
 
     @app.exception_handler(ServerError)
     async def _server_error(request: Request, exc: ServerError) -> JSONResponse:
-        headers = (
-            {"Retry-After": str(exc.retry_after)} if isinstance(exc, RateLimitedError) else None
-        )
-        if exc.status == 401:
-            headers = {"WWW-Authenticate": "Bearer"}
-        return JSONResponse({"detail": str(exc)}, status_code=exc.status, headers=headers)
+        return error_response(exc)
 
     @app.exception_handler(DataError)
     async def _data_error(request: Request, exc: DataError) -> JSONResponse:
@@ -137,6 +133,14 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> FastAPI:
             {"detail": f"a concurrent request changed the same data first ({reason}); retry"},
             409,
         )
+
+    for module in (tokens, models, jobs, devices, deployments, telemetry, audit):
+        app.include_router(module.router, prefix=API_PREFIX)
+    app.include_router(system.public_router)
+    app.include_router(system.open_metrics_router if settings.metrics_public else system.router)
+
+    # Inside the latency metric (added last, so outermost): guard refusals are measured too.
+    app.add_middleware(RequestGuard)
 
     @app.middleware("http")
     async def _latency(
@@ -155,8 +159,4 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> FastAPI:
         ).observe(time.perf_counter() - start)
         return response
 
-    for module in (tokens, models, jobs, devices, deployments, telemetry, audit):
-        app.include_router(module.router, prefix=API_PREFIX)
-    app.include_router(system.public_router)
-    app.include_router(system.open_metrics_router if settings.metrics_public else system.router)
     return app
