@@ -51,6 +51,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--config", type=Path, default=None, help="TOML settings file")
     run.add_argument("--host", default=None, help="listen address (default: settings)")
     run.add_argument("--port", type=int, default=None, help="listen port (default: settings)")
+    run.add_argument(
+        "--forwarded-allow-ips",
+        default=None,
+        metavar="ADDRESSES",
+        help=(
+            "comma-separated proxy addresses or networks whose X-Forwarded-For/-Proto are "
+            "trusted (default: forwarded_allow_ips; none: forwarded headers are ignored)"
+        ),
+    )
     run.set_defaults(func=_server_run)
     mq = ssub.add_parser(
         "mqtt", help="run only the MQTT service (ingest, chunks, desired state) as a worker"
@@ -297,11 +306,43 @@ def _table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
     console.print(table)
 
 
-def _settings(args: argparse.Namespace) -> Any:
+def _settings(args: argparse.Namespace, **overrides: Any) -> Any:
     from server.settings import load_settings, prepare_demo
 
-    settings = load_settings(args.config)
+    settings = load_settings(args.config, **overrides)
     return prepare_demo(settings) if settings.is_demo else settings
+
+
+def _make_dirs(settings: Any) -> None:
+    """Create ``data_dir`` and the SQLite file's directory (a fresh install has neither).
+
+    Raises:
+        ConfigError: a directory cannot be created (naming it and why).
+    """
+    from sqlalchemy.engine import make_url
+
+    from server.settings import ConfigError
+
+    dirs = [("data_dir", Path(settings.data_dir))]
+    url = make_url(settings.effective_database_url)
+    database = url.database or ""
+    on_disk = database not in ("", ":memory:") and not database.startswith("file:")
+    if url.get_backend_name() == "sqlite" and on_disk:
+        dirs.append(("the SQLite database's directory", Path(database).parent))
+    for what, path in dirs:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"cannot create {what} {path}: {exc.strerror or exc}") from None
+
+
+def _database_error(settings: Any, exc: Exception) -> str:
+    """What went wrong with the database, without its password."""
+    from sqlalchemy.engine import make_url
+
+    url = make_url(settings.effective_database_url).render_as_string(hide_password=True)
+    reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+    return f"cannot use the database {url}: {reason[0] if reason else type(exc).__name__}"
 
 
 # ------------------------------------------------------------------- server
@@ -309,17 +350,27 @@ def _settings(args: argparse.Namespace) -> Any:
 
 def _server_run(args: argparse.Namespace) -> int:
     import uvicorn
+    from sqlalchemy.exc import SQLAlchemyError
 
     from server.settings import ConfigError
 
+    settings = None
     try:
-        settings = _settings(args)
+        overrides = {}
+        if args.forwarded_allow_ips is not None:
+            overrides["forwarded_allow_ips"] = [
+                a.strip() for a in args.forwarded_allow_ips.split(",") if a.strip()
+            ]
+        settings = _settings(args, **overrides)
+        _make_dirs(settings)
         token = _demo_admin(settings) if settings.is_demo else None
         from server.api.app import create_app
 
         app = create_app(settings)
     except ConfigError as exc:
         return emit_error("ConfigError", 1, str(exc), False)
+    except SQLAlchemyError as exc:
+        return emit_error("DatabaseError", 1, _database_error(settings, exc), False)
     if token:
         console.print(f"[bold]demo admin token[/] (also in {settings.data_dir / 'admin-token'}):")
         console.print(token)
@@ -330,10 +381,23 @@ def _server_run(args: argparse.Namespace) -> int:
 def uvicorn_config(
     app: Any, settings: Any, *, host: str | None = None, port: int | None = None
 ) -> Any:
-    """The ``uvicorn.Config`` that ``server run`` serves ``app`` with (tests start it too)."""
+    """The ``uvicorn.Config`` that ``server run`` serves ``app`` with (tests start it too).
+
+    ``X-Forwarded-For``/``-Proto`` are applied only from the proxies in
+    ``settings.forwarded_allow_ips``; with none, uvicorn's proxy-header
+    middleware is off. (uvicorn's own default trusts 127.0.0.1, so any local
+    client could pick the address the failed-token limit counts against.)
+    """
     import uvicorn
 
-    return uvicorn.Config(app, host=host or settings.host, port=port or settings.port)
+    trusted = list(settings.forwarded_allow_ips)
+    return uvicorn.Config(
+        app,
+        host=host or settings.host,
+        port=port or settings.port,
+        proxy_headers=bool(trusted),
+        forwarded_allow_ips=trusted,
+    )
 
 
 def _server_mqtt(args: argparse.Namespace) -> int:
@@ -401,25 +465,39 @@ def _demo_admin(settings: Any) -> str | None:
 
 
 def _server_init(args: argparse.Namespace) -> int:
+    """Create ``data_dir`` and the schema, and an admin token; every failure is exit 1.
+
+    With ``--json`` a failure is one error object (never a traceback).
+    """
     import getpass
+
+    from sqlalchemy.exc import SQLAlchemyError
 
     from server.db import make_engine, session_factory, upgrade_schema
     from server.errors import ServerError
     from server.services import tokens
     from server.settings import ConfigError
 
+    settings = None
     try:
         settings = _settings(args)
+        _make_dirs(settings)
         engine = make_engine(settings.effective_database_url)
-        revision = upgrade_schema(engine)
-        with session_factory(engine)() as session:
-            row, plaintext = tokens.create_token(
-                session, args.name, "admin", f"cli:{getpass.getuser()}"
-            )
-            session.commit()
-        engine.dispose()
+        try:
+            revision = upgrade_schema(engine)
+            with session_factory(engine)() as session:
+                row, plaintext = tokens.create_token(
+                    session, args.name, "admin", f"cli:{getpass.getuser()}"
+                )
+                session.commit()
+        finally:
+            engine.dispose()
     except (ConfigError, ServerError) as exc:
         return emit_error(type(exc).__name__, 1, str(exc), args.json)
+    except SQLAlchemyError as exc:
+        return emit_error("DatabaseError", 1, _database_error(settings, exc), args.json)
+    except Exception as exc:  # the promise of --json: one object, not a traceback
+        return emit_error(type(exc).__name__, 1, str(exc) or repr(exc), args.json)
     result = {
         "ok": True,
         "schema_revision": revision,

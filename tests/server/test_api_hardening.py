@@ -1,4 +1,4 @@
-"""API hardening (issue 9, findings 4 and 5) on a real uvicorn server and a real SQLite file.
+"""API hardening (issue 9, findings 4-7) on a real uvicorn server and a real SQLite file.
 
 * Bodies before authentication: a request with a body to a protected route is
   authenticated (401/403/429) before one byte of its body is read; a
@@ -11,6 +11,9 @@
   JSON test reads the peak RSS of a real ``edgefleet server run`` process.
 * JSON bodies of write routes: UTF-8 only, and a lone surrogate anywhere is 422
   naming where it is (it was a plain-text 500), a surrogate pair is accepted.
+* ``X-Forwarded-For`` is believed only from ``forwarded_allow_ips``.
+* ``server init --json`` creates a missing ``data_dir`` and reports any failure
+  as one JSON object.
 """
 
 from __future__ import annotations
@@ -34,9 +37,11 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Engine
 from sqlalchemy import select as sql_select
 
+from edgefleet.cli import main
 from server.cli import uvicorn_config
 from server.db import make_engine, session_factory, upgrade_schema
 from server.models import AuthFailure
+from server.settings import Settings, load_settings
 from tests.mosquitto import free_port
 from tests.server.conftest import (
     Api,
@@ -742,3 +747,115 @@ def test_json_body_that_is_not_utf8_is_422(fleet_api: Api, body: bytes) -> None:
     )
     assert r.status_code == 422, r.text
     assert "UTF-8" in r.json()["detail"]
+
+
+# ---------------------------------------- finding 6: X-Forwarded-For trust
+
+
+def _fail_token(url: str, forwarded_for: str) -> int:
+    r = httpx.get(
+        f"{url}/api/v1/whoami",
+        headers={"Authorization": "Bearer eft_wrong", "X-Forwarded-For": forwarded_for},
+    )
+    return r.status_code
+
+
+def _failure_clients(api: Api) -> set[str]:
+    with api.sessions() as session:
+        return set(session.scalars(sql_select(AuthFailure.client)).all())
+
+
+def test_forwarded_for_from_localhost_is_ignored_by_default(
+    tmp_path: Path, sqlite_engine: tuple[str, Engine], keys: Keys
+) -> None:
+    with _live(tmp_path, sqlite_engine, keys, auth_failure_limit=3) as server:
+        assert server.api.settings.forwarded_allow_ips == []
+        statuses = [_fail_token(server.url, f"198.51.100.{i}") for i in range(3)]
+        assert statuses == [401, 401, 401]
+        assert _fail_token(server.url, "198.51.100.99") == 429  # rotating it does not help
+        assert _failure_clients(server.api) == {"127.0.0.1"}
+
+
+def test_forwarded_for_is_used_from_a_configured_proxy(
+    tmp_path: Path, sqlite_engine: tuple[str, Engine], keys: Keys
+) -> None:
+    with _live(
+        tmp_path, sqlite_engine, keys, auth_failure_limit=3, forwarded_allow_ips=["127.0.0.1"]
+    ) as server:
+        assert [_fail_token(server.url, "203.0.113.7") for _ in range(3)] == [401, 401, 401]
+        assert _fail_token(server.url, "203.0.113.7") == 429
+        assert _fail_token(server.url, "203.0.113.8") == 401  # another client behind the proxy
+        assert _failure_clients(server.api) == {"203.0.113.7", "203.0.113.8"}
+
+
+def test_forwarded_allow_ips_from_env_and_the_uvicorn_config(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    config = uvicorn_config(object(), Settings(data_dir=tmp_path))
+    assert config.proxy_headers is False  # default: forwarded headers are ignored
+    monkeypatch.setenv("EDGEFLEET_FORWARDED_ALLOW_IPS", '["10.0.0.5", "10.0.1.0/24"]')
+    settings = load_settings(None, data_dir=tmp_path)
+    assert settings.forwarded_allow_ips == ["10.0.0.5", "10.0.1.0/24"]
+    config = uvicorn_config(object(), settings)
+    assert config.proxy_headers is True
+    assert config.forwarded_allow_ips == ["10.0.0.5", "10.0.1.0/24"]
+
+
+def test_server_run_forwarded_allow_ips_option(tmp_path: Path, keys: Keys) -> None:
+    server = ServerProcess(tmp_path, keys, "--forwarded-allow-ips", "127.0.0.1")
+    try:
+        assert _fail_token(server.url, "192.0.2.44") == 401
+        assert server.auth_failure_clients() == {"192.0.2.44"}
+    finally:
+        server.close()
+
+
+# --------------------------------------------- finding 7: server init --json
+
+
+def _config(tmp_path: Path, **values: Any) -> Path:
+    path = tmp_path / "init.toml"
+    path.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items()))
+    return path
+
+
+def test_server_init_creates_a_missing_data_dir(tmp_path: Path, capsys: Any) -> None:
+    data_dir = tmp_path / "not" / "yet"
+    config = _config(tmp_path, data_dir=str(data_dir))
+    code = main(["server", "init", "--config", str(config), "--json"])
+    out = capsys.readouterr()
+    assert code == 0, out
+    result = json.loads(out.out)
+    assert result["ok"] is True and result["token"].startswith("eft_")
+    assert (data_dir / "edgefleet.db").is_file()
+
+
+def test_server_init_creates_the_sqlite_files_parent(tmp_path: Path, capsys: Any) -> None:
+    db = tmp_path / "elsewhere" / "deep" / "ef.db"
+    config = _config(tmp_path, data_dir=str(tmp_path / "d"), database_url=f"sqlite:///{db}")
+    assert main(["server", "init", "--config", str(config), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["ok"] is True
+    assert db.is_file()
+
+
+@pytest.mark.parametrize("problem", ["data_dir under a file", "database unreachable"])
+def test_server_init_failure_is_one_json_error(tmp_path: Path, capsys: Any, problem: str) -> None:
+    if problem == "data_dir under a file":
+        (tmp_path / "file").write_text("not a directory")
+        config = _config(tmp_path, data_dir=str(tmp_path / "file" / "data"))
+    else:
+        url = f"postgresql://edgefleet:secret-pw@127.0.0.1:{free_port()}/nothing"
+        config = _config(tmp_path, data_dir=str(tmp_path / "d"), database_url=url)
+    code = main(["server", "init", "--config", str(config), "--json"])
+    out = capsys.readouterr()
+    assert code == 1
+    assert out.err == ""  # no traceback
+    lines = out.out.splitlines()
+    assert len(lines) == 1
+    error = json.loads(lines[0])
+    assert error["ok"] is False and error["code"] == 1 and error["error"]
+    assert "secret-pw" not in error["message"]
+    if problem == "data_dir under a file":
+        assert str(tmp_path / "file") in error["message"]
+    else:
+        assert "127.0.0.1" in error["message"]
