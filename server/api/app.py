@@ -4,7 +4,9 @@ Flow: ``create_app(settings)`` builds the engine, creates or upgrades the
 schema (Alembic, under a cross-replica lock), refuses a production start
 without an admin token, regenerates the managed broker files from the
 devices table (so the server's own broker login is always in them), and
-mounts the routers under ``/api/v1``. The lifespan starts this replica's job
+mounts the routers under ``/api/v1`` behind the request guard
+(``server.api.guard``: a request body is authenticated and capped before it
+is read, JSON bodies are strict UTF-8). The lifespan starts this replica's job
 worker (unless ``worker_enabled`` is off) and its MQTT service (ingest, chunk
 service, desired-state publisher; when ``mqtt_enabled`` and ``mqtt_url`` are
 set) and stops both on shutdown.
@@ -12,7 +14,8 @@ set) and stops both on shutdown.
 Invariants: the process keeps no state besides caches of the database and the
 trust-root file, so any number of replicas can serve one database and one
 bundle storage. Every ``ServerError`` becomes ``{"detail": message}`` with its
-status; a 429 carries ``Retry-After``.
+status (``guard.error_response``, which the guard's refusals use too); a 429
+carries ``Retry-After``, a 401 ``WWW-Authenticate: Bearer``.
 """
 
 from __future__ import annotations
