@@ -61,6 +61,7 @@ lint: setup
 	$(BIN)/ruff check $(PYDIRS)
 	$(BIN)/ruff format --check $(PYDIRS)
 	$(BIN)/mypy edgefleet agent server compression firmware_sim
+	$(BIN)/lint-imports
 
 format: setup
 	$(BIN)/ruff check --fix $(PYDIRS)
