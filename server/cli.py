@@ -517,16 +517,24 @@ def _server_init(args: argparse.Namespace) -> int:
 
 
 def _server_migrate(args: argparse.Namespace) -> int:
+    from sqlalchemy.exc import SQLAlchemyError
+
     from server.db import make_engine, upgrade_schema
     from server.settings import ConfigError
 
+    settings = None
     try:
         settings = _settings(args)
+        _make_dirs(settings)
         engine = make_engine(settings.effective_database_url)
-        revision = upgrade_schema(engine)
-        engine.dispose()
+        try:
+            revision = upgrade_schema(engine)
+        finally:
+            engine.dispose()
     except ConfigError as exc:
         return emit_error("ConfigError", 1, str(exc), args.json)
+    except SQLAlchemyError as exc:
+        return emit_error("DatabaseError", 1, _database_error(settings, exc), args.json)
     emit(
         {"ok": True, "schema_revision": revision},
         args.json,

@@ -819,14 +819,17 @@ def _config(tmp_path: Path, **values: Any) -> Path:
     return path
 
 
-def test_server_init_creates_a_missing_data_dir(tmp_path: Path, capsys: Any) -> None:
+@pytest.mark.parametrize("verb", ["init", "migrate"])
+def test_server_init_creates_a_missing_data_dir(tmp_path: Path, capsys: Any, verb: str) -> None:
     data_dir = tmp_path / "not" / "yet"
     config = _config(tmp_path, data_dir=str(data_dir))
-    code = main(["server", "init", "--config", str(config), "--json"])
+    code = main(["server", verb, "--config", str(config), "--json"])
     out = capsys.readouterr()
     assert code == 0, out
     result = json.loads(out.out)
-    assert result["ok"] is True and result["token"].startswith("eft_")
+    assert result["ok"] is True
+    if verb == "init":
+        assert result["token"].startswith("eft_")
     assert (data_dir / "edgefleet.db").is_file()
 
 
@@ -838,15 +841,18 @@ def test_server_init_creates_the_sqlite_files_parent(tmp_path: Path, capsys: Any
     assert db.is_file()
 
 
+@pytest.mark.parametrize("verb", ["init", "migrate"])
 @pytest.mark.parametrize("problem", ["data_dir under a file", "database unreachable"])
-def test_server_init_failure_is_one_json_error(tmp_path: Path, capsys: Any, problem: str) -> None:
+def test_server_init_failure_is_one_json_error(
+    tmp_path: Path, capsys: Any, problem: str, verb: str
+) -> None:
     if problem == "data_dir under a file":
         (tmp_path / "file").write_text("not a directory")
         config = _config(tmp_path, data_dir=str(tmp_path / "file" / "data"))
     else:
         url = f"postgresql://edgefleet:secret-pw@127.0.0.1:{free_port()}/nothing"
         config = _config(tmp_path, data_dir=str(tmp_path / "d"), database_url=url)
-    code = main(["server", "init", "--config", str(config), "--json"])
+    code = main(["server", verb, "--config", str(config), "--json"])
     out = capsys.readouterr()
     assert code == 1
     assert out.err == ""  # no traceback
