@@ -15,7 +15,7 @@ PYDIRS := edgefleet agent server compression firmware_sim tests benchmarks examp
 help:
 	@echo "make demo         set up and run the end-to-end demo"
 	@echo "make test         set up and run the whole test suite"
-	@echo "make lint         ruff + mypy"
+	@echo "make lint         ruff + mypy + import-linter layering contracts"
 	@echo "make bench        run every benchmark (prints ratios against in-run baselines)"
 	@echo "make reliability  long fault campaigns (hundreds of power cuts)"
 
@@ -74,4 +74,4 @@ reliability: setup tools
 	$(BIN)/python benchmarks/reliability.py --runs 300
 
 clean:
-	rm -rf $(VENV) .demo .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .demo .pytest_cache .mypy_cache .ruff_cache .hypothesis .import_linter_cache
