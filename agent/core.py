@@ -118,7 +118,7 @@ from agent.state import (
     store_state,
     valid_update_id,
 )
-from edgefleet.errors import EdgefleetError, VerificationError
+from edgefleet.errors import EdgefleetError
 from edgefleet.manifest import DeviceFacts, Manifest
 from edgefleet.timeutil import format_utc, utcnow
 
@@ -464,9 +464,10 @@ class Agent:
     def pin_trust_root(self, data: bytes) -> TrustRoot:
         """Pin ``data`` as the trust root, or accept it as the pinned root's successor.
 
-        First use pins a self-signed, unexpired root. The same root again is a
-        no-op. Any other root is accepted only if ``TrustRoot.verify_successor``
-        accepts it (version N+1 signed by both root-key thresholds).
+        The decision is ``edgefleet.trust.accept_root`` (first use pins a
+        self-signed, unexpired root; the same root again is a no-op; any other
+        root must be the version N+1 successor signed by both root-key
+        thresholds); this method holds the lock and writes the file.
 
         Raises:
             MalformedTrustRootError: not a trust root.
@@ -474,32 +475,17 @@ class Agent:
                 of the pinned root (the precise subclass, with both versions named).
             StorageError: writing it failed.
         """
-        from edgefleet.trust import TrustRoot
+        from edgefleet.trust import accept_root
 
         self._check_writable()
         with self._op_lock:
-            candidate = TrustRoot.from_bytes(data)
-            now = self._clock()
             try:
                 current: TrustRoot | None = self.trust_root()
             except NoTrustRootError:
                 current = None
-            if current is None:
-                candidate.check_self_signed()
-                candidate.check_not_expired(now)
-                new = candidate
-            elif candidate.to_bytes() == current.to_bytes():
-                return current
-            else:
-                try:
-                    new = current.verify_successor(data)
-                    new.check_not_expired(now)
-                except VerificationError as exc:
-                    raise type(exc)(
-                        f"the given trust root (v{candidate.version}) is not the pinned trust "
-                        f"root v{current.version} nor a valid successor of it: {exc}"
-                    ) from exc
-            self._write_trust_root(new)
+            new = accept_root(current, data, self._clock())
+            if new is not current:
+                self._write_trust_root(new)
             return new
 
     def update_trust_root(self, chain: Sequence[bytes]) -> TrustRoot:
@@ -510,9 +496,11 @@ class Agent:
             VerificationError: a link is rejected or the final root is expired.
             StorageError: writing failed.
         """
+        from edgefleet.trust import accept_root_chain
+
         self._check_writable()
         with self._op_lock:
-            new = self.trust_root().update_chain(chain, self._clock())
+            new = accept_root_chain(self.trust_root(), chain, self._clock())
             if new.version != self.trust_root().version:
                 self._write_trust_root(new)
             return new
@@ -722,7 +710,8 @@ class Agent:
         raise AssertionError(f"unknown action {action!r}")
 
     def _verify_into(self, slot: str) -> Event:
-        from edgefleet.bundle import signatures_bytes, verify_bundle
+        from edgefleet.release import signatures_bytes
+        from edgefleet.trust import verify_bundle
 
         source = self._bundle
         if source is None:
@@ -971,7 +960,8 @@ class Agent:
             return self._shadow.stats()
 
     def _stage_shadow(self, source: BundleSource) -> LoadedModel:
-        from edgefleet.bundle import signatures_bytes, verify_bundle
+        from edgefleet.release import signatures_bytes
+        from edgefleet.trust import verify_bundle
 
         slot_dir = self.layout.slot_dir(SHADOW_SLOT)
         writer = SlotWriter(self._fs, slot_dir)

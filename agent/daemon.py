@@ -6,7 +6,7 @@ Flow (three threads besides paho's network loop, which only hands work over):
   ``Downloader`` (``deliver`` checks and writes them); desired-state payloads
   and connection changes are queued for the control thread.
 * control: verifies each desired state with the pinned trust root's
-  *director* role (``edgefleet.messages.verify_desired_state``), against the
+  *director* role (``edgefleet.trust.verify_desired_state``), against the
   highest version already accepted for that target, which is persisted in
   ``<state>/daemon/desired.json`` so a replay stays refused after a restart. A
   forged, tampered, replayed, expired or re-routed message is counted,
@@ -66,11 +66,10 @@ from edgefleet.messages import (
     ModelRef,
     StatusMessage,
     UpdateEvent,
-    verify_desired_state,
 )
 from edgefleet.timeutil import utcnow
 from edgefleet.topics import DeviceChannel, DeviceTopic, GroupTopic, TopicError, parse
-from edgefleet.trust import TrustRoot
+from edgefleet.trust import TrustRoot, verify_desired_state
 
 __all__ = ["AgentCore", "Daemon", "DesiredBook"]
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the verifier (and cryptography) load only when an update runs
-    from edgefleet.bundle import VerifierLimits
+    from edgefleet.trust import VerifierLimits
 
 __all__ = ["AgentOptions"]
 
@@ -32,7 +32,7 @@ class AgentOptions:
     latency_budget_factor: float = 1.0  # scales the manifest's latency budget; 0.1..100
     shadow_queue: int = 256  # pending shadow comparisons before dropping; 1..65536
     feedback_memory: int = 4096  # predictions remembered for shadow accuracy; 0..1_000_000
-    verifier_limits: VerifierLimits | None = None  # None: edgefleet.bundle's defaults
+    verifier_limits: VerifierLimits | None = None  # None: edgefleet.trust's defaults
 
     def __post_init__(self) -> None:
         if not _CLASS_RE.fullmatch(self.device_class):

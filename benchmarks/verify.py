@@ -31,10 +31,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from edgefleet.bundle import NullSink, sign_manifest, verify_bundle, write_bundle
 from edgefleet.keystore import KeyStore
 from edgefleet.manifest import DeviceFacts, Manifest, PayloadEntry, Targets, TensorSpec
+from edgefleet.release import sign_manifest, write_bundle
 from edgefleet.timeutil import utcnow
+from edgefleet.trust import NullSink, verify_bundle
 
 SIZES_MB = (1, 10, 100)
 TARGET = 1.3

@@ -25,7 +25,6 @@ from typing import Any
 
 import zstandard
 
-from edgefleet.bundle import VerifierLimits, sign_manifest, write_bundle_file
 from edgefleet.errors import MalformedBundleError
 from edgefleet.keys import SigningKey
 from edgefleet.manifest import (
@@ -38,7 +37,9 @@ from edgefleet.manifest import (
     validate_health_check,
     validate_model_name,
 )
+from edgefleet.release import sign_manifest, write_bundle_file
 from edgefleet.timeutil import utcnow
+from edgefleet.trust import VerifierLimits
 
 __all__ = [
     "BuildOptions",

@@ -155,7 +155,7 @@ def _run_build(args: argparse.Namespace) -> int:
 
 
 def _run_sign(args: argparse.Namespace) -> int:
-    from edgefleet.bundle import add_signatures
+    from edgefleet.release import add_signatures
 
     out = args.out or args.bundle
     try:
@@ -176,7 +176,7 @@ def _run_sign(args: argparse.Namespace) -> int:
 
 
 def _run_inspect(args: argparse.Namespace) -> int:
-    from edgefleet.bundle import read_header
+    from edgefleet.trust import read_header
 
     try:
         with open(args.bundle, "rb") as fh:
@@ -228,8 +228,7 @@ def _render_inspect(result: Mapping[str, Any]) -> None:
 
 
 def _run_verify(args: argparse.Namespace) -> int:
-    from edgefleet.bundle import verify_bundle
-    from edgefleet.trust import TrustRoot
+    from edgefleet.trust import TrustRoot, verify_bundle
 
     try:
         now = parse_utc(args.now) if args.now else utcnow()
@@ -282,7 +281,7 @@ def _run_verify(args: argparse.Namespace) -> int:
 
 def _peek_name(fh: Any) -> str | None:
     """The model name from the (unverified) manifest, to key the rollback floor."""
-    from edgefleet.bundle import read_header
+    from edgefleet.trust import read_header
 
     try:
         return read_header(fh).manifest().name

@@ -9,7 +9,7 @@ missing keys and out-of-range values, and raises ``MalformedMessageError`` (a
 every message.
 
 Desired state is the only message that causes action, so it is signed by the
-trust root's ``director`` role and checked by ``verify_desired_state``, a pure
+trust root's ``director`` role and checked by ``edgefleet.trust.verify_desired_state``, a pure
 function (bytes, trust root, clock value and the last accepted version in; a
 ``DesiredState`` or one precise ``VerificationError`` out). It checks, in
 order: size; envelope structure; director signature threshold over the
@@ -42,16 +42,13 @@ from typing import Any
 
 from edgefleet import canonical
 from edgefleet.errors import (
-    ExpiredError,
-    RollbackError,
     VerificationError,
-    WrongTargetError,
 )
 from edgefleet.keys import SigningKey
 from edgefleet.manifest import DeviceFacts
 from edgefleet.timeutil import format_utc, parse_utc
 from edgefleet.topics import DeviceTopic, GroupTopic
-from edgefleet.trust import Signature, TrustRoot, parse_signatures
+from edgefleet.trust.root import Signature
 
 __all__ = [
     "CHUNK_MAGIC",
@@ -88,7 +85,6 @@ __all__ = [
     "TelemetryRecord",
     "UpdateEvent",
     "parse_chunk_frame",
-    "verify_desired_state",
 ]
 
 DESIRED_STATE_TYPE = "edgefleet-desired-state"
@@ -469,75 +465,6 @@ class SignedDesiredState:
     def sha256(self) -> str:
         """Digest of the wire bytes (identifies a retained re-delivery)."""
         return hashlib.sha256(self.to_bytes()).hexdigest()
-
-
-def verify_desired_state(
-    data: bytes,
-    *,
-    trust_root: TrustRoot,
-    now: datetime,
-    topic: DeviceTopic | GroupTopic,
-    device_id: str,
-    groups: Iterable[str],
-    floor: int,
-) -> DesiredState:
-    """Verify a desired-state payload received on ``topic``.
-
-    Args:
-        data: the MQTT payload.
-        trust_root: the device's current, trusted root (director role).
-        now: current time (aware UTC).
-        topic: the parsed topic the payload arrived on.
-        device_id: this device.
-        groups: the groups this device belongs to.
-        floor: the highest version already accepted for this topic's target
-            (0 if none); the message must be strictly above it.
-
-    Returns:
-        The verified desired state.
-
-    Raises:
-        MalformedMessageError: oversized, not canonical JSON, or malformed.
-        UnknownKeyError, BadSignatureError, ThresholdNotMetError: not signed by
-            a threshold of director keys (forged or tampered).
-        MalformedTrustRootError: the trust root has no director role.
-        WrongTargetError: the signed target is not this topic's device or
-            group, or not this device or one of its groups.
-        ExpiredError: the desired state or the trust root is expired.
-        RollbackError: the version is not above ``floor`` (replay).
-    """
-    doc = _decode(data, "desired", MAX_DESIRED_BYTES)
-    doc = _keys(doc, "desired", ("signed", "signatures"))
-    if not isinstance(doc["signed"], dict):
-        raise _fail("desired", "'signed' must be an object")
-    sigs = parse_signatures(doc["signatures"], error=MalformedMessageError)
-    trust_root.check_not_expired(now)
-    trust_root.verify_role_signatures("director", canonical.encode(doc["signed"]), sigs)
-    state = DesiredState.from_signed_dict(doc["signed"])
-    if state.target.topic != topic:
-        raise WrongTargetError(
-            f"desired state for {state.target.key} arrived on {topic}: refusing a re-routed message"
-        )
-    mine = (
-        state.target.device == device_id
-        if state.target.device is not None
-        else state.target.group in set(groups)
-    )
-    if not mine:
-        raise WrongTargetError(f"desired state is for {state.target.key}, not for this device")
-    if now >= state.expires:
-        raise ExpiredError(
-            f"desired state v{state.version} for {state.target.key} expired at "
-            f"{format_utc(state.expires)}"
-        )
-    if state.issued > now + CLOCK_SKEW:
-        raise _fail("desired", f"issued {format_utc(state.issued)} is in the future")
-    if state.version <= floor:
-        raise RollbackError(
-            f"desired state v{state.version} for {state.target.key} is not above the accepted "
-            f"v{floor} (replayed or stale)"
-        )
-    return state
 
 
 # ----------------------------------------------------------------------- chunks

@@ -28,10 +28,10 @@ from typing import Any
 import numpy as np
 
 from edgefleet.build import BuildOptions, build_bundle
-from edgefleet.bundle import sign_manifest, write_bundle_file
 from edgefleet.keys import SigningKey
 from edgefleet.keystore import KeyStore
 from edgefleet.manifest import Manifest, PayloadEntry, Targets, TensorSpec
+from edgefleet.release import sign_manifest, write_bundle_file
 from edgefleet.timeutil import utcnow
 
 __all__ = [

@@ -49,10 +49,9 @@ from edgefleet.messages import (
     TelemetryRecord,
     UpdateEvent,
     parse_chunk_frame,
-    verify_desired_state,
 )
 from edgefleet.topics import DeviceTopic, GroupTopic
-from edgefleet.trust import Signature, TrustRoot
+from edgefleet.trust import Signature, TrustRoot, verify_desired_state
 
 NOW = datetime(2026, 6, 1, 12, 0, 0, tzinfo=timezone.utc)
 SHA = "ab" * 32

@@ -41,11 +41,11 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
-from edgefleet.bundle import attach_signatures, read_header
 from edgefleet.errors import EdgefleetError, MalformedBundleError, VerificationError
 from edgefleet.keys import KeyFileError, SigningKey, load_signing_key
 from edgefleet.manifest import Manifest, Targets, TensorSpec, validate_model_name
-from edgefleet.trust import Signature, TrustRoot
+from edgefleet.release import attach_signatures
+from edgefleet.trust import Signature, TrustRoot, read_header
 from server.errors import (
     ConflictError,
     InvalidInputError,

@@ -12,10 +12,10 @@ import pytest
 
 from agent.core import Agent, read_status
 from agent.errors import AgentBusyError, NothingToRollBackError, NoTrustRootError
-from edgefleet.bundle import read_header
 from edgefleet.errors import RollbackError, ThresholdNotMetError, VerificationError
 from edgefleet.keystore import KeyStore
 from edgefleet.timeutil import utcnow
+from edgefleet.trust import read_header
 from firmware_sim.disk import ProcessKilled
 from firmware_sim.models import GOLDEN_X, BundleSet, linear_model
 

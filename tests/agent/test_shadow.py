@@ -9,8 +9,8 @@ import pytest
 
 from agent.core import Agent
 from agent.errors import NonFiniteOutputError, NothingToRollBackError, OutputSpecError
-from edgefleet.bundle import read_header
 from edgefleet.errors import HashMismatchError
+from edgefleet.trust import read_header
 from firmware_sim.models import GOLDEN_X, BundleSet, cnn_model, linear_model, mlp_model
 
 RNG = np.random.default_rng(7)

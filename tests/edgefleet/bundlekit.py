@@ -19,10 +19,10 @@ import zstandard
 
 from edgefleet import canonical
 from edgefleet.build import BuildOptions, build_bundle
-from edgefleet.bundle import sign_manifest, tar_header, write_bundle
 from edgefleet.keys import SigningKey, load_signing_key
 from edgefleet.keystore import KeyStore
 from edgefleet.manifest import DeviceFacts, PayloadEntry
+from edgefleet.release import sign_manifest, tar_header, write_bundle
 from edgefleet.trust import Signature, TrustRoot
 from examples.tiny_model import make_linear_model
 

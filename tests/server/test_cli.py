@@ -101,7 +101,7 @@ def test_publish_carries_compress_outputs_beside_the_model(
     live: LiveServer, tmp_path: Path, capsys
 ) -> None:
     """`edgefleet compress` leaves health_check.json and drift_reference.json beside the model."""
-    from edgefleet.bundle import read_header
+    from edgefleet.trust import read_header
 
     out_dir = tmp_path / "compressed"
     out_dir.mkdir()

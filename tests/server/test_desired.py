@@ -12,9 +12,8 @@ from typing import Any
 
 import pytest
 
-from edgefleet.messages import verify_desired_state
 from edgefleet.topics import DeviceTopic, GroupTopic
-from edgefleet.trust import TrustRoot
+from edgefleet.trust import TrustRoot, verify_desired_state
 from server.services import desired
 from tests.server.conftest import Api, Keys, make_api, make_settings, onnx_model, run_jobs, upload
 

@@ -101,7 +101,7 @@ def test_compression_job_real_pipeline(api: Api) -> None:
     assert v["lineage"]["compression_report_sha256"]
     assert v["model_card"]["compression"]["metric_name"] == v["report"]["metric_name"]
     bundle = api.get("/api/v1/models/small/versions/1/bundle", role="viewer").content
-    from edgefleet.bundle import read_header
+    from edgefleet.trust import read_header
 
     manifest = read_header(bundle).manifest()
     assert manifest.health_check and manifest.drift_reference is not None

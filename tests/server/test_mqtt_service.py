@@ -23,10 +23,9 @@ from edgefleet.messages import (
     DeviceFactsMessage,
     StatusMessage,
     parse_chunk_frame,
-    verify_desired_state,
 )
 from edgefleet.topics import DeviceTopic, GroupTopic
-from edgefleet.trust import TrustRoot
+from edgefleet.trust import TrustRoot, verify_desired_state
 from server.db import make_engine, session_factory
 from server.models import Device
 from server.mqtt.ingest import Ingester

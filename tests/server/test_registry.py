@@ -10,10 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from edgefleet.bundle import read_header, verify_bundle
 from edgefleet.keys import load_signing_key
 from edgefleet.manifest import DeviceFacts
-from edgefleet.trust import TrustRoot
+from edgefleet.trust import TrustRoot, read_header, verify_bundle
 from server.settings import Settings
 from tests.server.conftest import (
     Api,

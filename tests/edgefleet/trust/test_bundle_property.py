@@ -11,9 +11,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from edgefleet.build import BuildOptions, build_bundle
-from edgefleet.bundle import MemorySink, verify_bundle
 from edgefleet.errors import VerificationError
 from edgefleet.keystore import KeyStore
+from edgefleet.trust import MemorySink, verify_bundle
 from tests.edgefleet.bundlekit import DEVICE, NOW, release_key
 
 

@@ -11,7 +11,6 @@ from datetime import timedelta
 import pytest
 
 from edgefleet import canonical
-from edgefleet.bundle import verify_bundle
 from edgefleet.errors import (
     ExpiredError,
     RollbackError,
@@ -21,7 +20,7 @@ from edgefleet.errors import (
 )
 from edgefleet.keys import generate
 from edgefleet.keystore import KeyStore, KeyStoreError
-from edgefleet.trust import TRUST_ROOT_TYPE, TrustRoot, sign_trust_root
+from edgefleet.trust import TRUST_ROOT_TYPE, TrustRoot, sign_trust_root, verify_bundle
 from tests.edgefleet.bundlekit import DEVICE, NOW, craft_bundle, manifest_dict, release_key
 
 MODEL = b"not really onnx, the verifier does not care" * 4

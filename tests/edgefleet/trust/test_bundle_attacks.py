@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 
 from edgefleet import canonical
-from edgefleet.bundle import MemorySink, VerifierLimits, tar_header, verify_bundle
 from edgefleet.errors import (
     BadSignatureError,
     DecompressionBombError,
@@ -34,7 +33,8 @@ from edgefleet.errors import (
 from edgefleet.keys import generate
 from edgefleet.keystore import KeyStore
 from edgefleet.manifest import DeviceFacts
-from edgefleet.trust import TrustRoot
+from edgefleet.release import tar_header
+from edgefleet.trust import MemorySink, TrustRoot, VerifierLimits, verify_bundle
 from tests.edgefleet.bundlekit import (
     DEVICE,
     NOW,
@@ -327,8 +327,8 @@ def test_bundle_non_canonical_header(build, trust_root):
 
 def test_bundle_non_canonical_manifest_json(keydir, trust_root, tiny_model):
     manifest_bytes = canonical.encode(manifest_dict(tiny_model)).replace(b",", b", ", 1)
-    from edgefleet.bundle import sign_manifest, write_bundle
     from edgefleet.manifest import PayloadEntry
+    from edgefleet.release import sign_manifest, write_bundle
 
     sigs = sign_manifest(manifest_bytes, [release_key(keydir)])
     entry = PayloadEntry("model.onnx", len(tiny_model), "0" * 64, "none", len(tiny_model), "0" * 64)
