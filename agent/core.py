@@ -710,7 +710,7 @@ class Agent:
         raise AssertionError(f"unknown action {action!r}")
 
     def _verify_into(self, slot: str) -> Event:
-        from edgefleet.release import signatures_bytes
+        from edgefleet.bundle import signatures_bytes
         from edgefleet.trust import verify_bundle
 
         source = self._bundle
@@ -960,7 +960,7 @@ class Agent:
             return self._shadow.stats()
 
     def _stage_shadow(self, source: BundleSource) -> LoadedModel:
-        from edgefleet.release import signatures_bytes
+        from edgefleet.bundle import signatures_bytes
         from edgefleet.trust import verify_bundle
 
         slot_dir = self.layout.slot_dir(SHADOW_SLOT)

@@ -18,7 +18,23 @@ This module is format only, no decisions: the verifier
 
 from __future__ import annotations
 
-__all__ = ["BLOCK", "MANIFEST_MEMBER", "RECORD", "SIGNATURES_MEMBER", "padding", "tar_header"]
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from edgefleet import canonical
+
+if TYPE_CHECKING:
+    from edgefleet.trust.root import Signature
+
+__all__ = [
+    "BLOCK",
+    "MANIFEST_MEMBER",
+    "RECORD",
+    "SIGNATURES_MEMBER",
+    "padding",
+    "signatures_bytes",
+    "tar_header",
+]
 
 BLOCK = 512
 RECORD = 10240
@@ -66,3 +82,9 @@ def tar_header(name: str, size: int) -> bytes:
     header = bytearray(b"".join(fields))
     header[148:156] = b"%06o\0 " % sum(header)
     return bytes(header)
+
+
+def signatures_bytes(signatures: Iterable[Signature]) -> bytes:
+    """Canonical signatures.json content, one signature per key id, sorted by key id."""
+    unique = {s.keyid: s for s in signatures}
+    return canonical.encode({"signatures": [unique[k].to_dict() for k in sorted(unique)]})

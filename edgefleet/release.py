@@ -18,8 +18,15 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import IO, BinaryIO, Protocol
 
-from edgefleet import canonical
-from edgefleet.bundle import BLOCK, MANIFEST_MEMBER, RECORD, SIGNATURES_MEMBER, padding, tar_header
+from edgefleet.bundle import (
+    BLOCK,
+    MANIFEST_MEMBER,
+    RECORD,
+    SIGNATURES_MEMBER,
+    padding,
+    signatures_bytes,
+    tar_header,
+)
 from edgefleet.errors import (
     LengthMismatchError,
 )
@@ -34,7 +41,6 @@ __all__ = [
     "attach_signatures",
     "sign_manifest",
     "sign_trust_root",
-    "signatures_bytes",
     "tar_header",
     "write_bundle",
     "write_bundle_file",
@@ -45,12 +51,6 @@ class PayloadSource(Protocol):
     """A readable binary file for a payload member."""
 
     def read(self, n: int = -1) -> bytes: ...
-
-
-def signatures_bytes(signatures: Iterable[Signature]) -> bytes:
-    """Canonical signatures.json content, one signature per key id, sorted by key id."""
-    unique = {s.keyid: s for s in signatures}
-    return canonical.encode({"signatures": [unique[k].to_dict() for k in sorted(unique)]})
 
 
 def write_bundle(
