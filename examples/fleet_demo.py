@@ -241,6 +241,18 @@ class Fleet:
                 return False
 
         wait_for("mosquitto", listening, timeout_s, 0.05)
+        if self.server is not None and self.server.poll() is None:
+            # Devices connect next: the replica's subscriptions must be in place first
+            # (the broker drops messages that have no subscriber yet).
+            wait_for("the server's broker session", self._server_connected, 30, 0.05)
+
+    def _server_connected(self) -> bool:
+        try:
+            with urllib.request.urlopen(self.url + "/metrics", timeout=2) as resp:
+                text = resp.read().decode()
+        except OSError:
+            return False
+        return "\nedgefleet_mqtt_connected 1.0" in text
 
     # --------------------------------------------------------------------- API
 
