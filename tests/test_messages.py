@@ -6,10 +6,10 @@ import json
 import struct
 import subprocess
 import sys
-from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 
 import pytest
+from msgspec.structs import replace
 
 from edgefleet import canonical
 from edgefleet.errors import (

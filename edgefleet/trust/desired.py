@@ -2,7 +2,7 @@
 
 Pure: bytes, the trust root, the clock value and the device's identity in; the
 verified ``DesiredState`` out, or exactly one ``VerificationError`` subclass.
-The message dataclasses and their strict decoding stay in ``edgefleet.messages``.
+The message schema and its strict decoding live in ``edgefleet.wire.desired``.
 """
 
 from __future__ import annotations
@@ -11,11 +11,12 @@ from collections.abc import Iterable
 from datetime import datetime
 
 from edgefleet import canonical
-from edgefleet import messages as _m
 from edgefleet.errors import ExpiredError, RollbackError, WrongTargetError
 from edgefleet.timeutil import format_utc
 from edgefleet.topics import DeviceTopic, GroupTopic
 from edgefleet.trust.root import TrustRoot, parse_signatures
+from edgefleet.wire.base import MalformedMessageError, fail
+from edgefleet.wire.desired import CLOCK_SKEW, MAX_DESIRED_BYTES, DesiredState
 
 __all__ = ["verify_desired_state"]
 
@@ -29,7 +30,7 @@ def verify_desired_state(
     device_id: str,
     groups: Iterable[str],
     floor: int,
-) -> _m.DesiredState:
+) -> DesiredState:
     """Verify a desired-state payload received on ``topic``.
 
     Args:
@@ -55,14 +56,22 @@ def verify_desired_state(
         ExpiredError: the desired state or the trust root is expired.
         RollbackError: the version is not above ``floor`` (replay).
     """
-    doc = _m._decode(data, "desired", _m.MAX_DESIRED_BYTES)
-    doc = _m._keys(doc, "desired", ("signed", "signatures"))
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise fail("desired", "payload must be bytes")
+    if len(data) > MAX_DESIRED_BYTES:
+        raise fail("desired", f"{len(data)} bytes is more than the limit of {MAX_DESIRED_BYTES}")
+    try:
+        doc = canonical.decode_strict(bytes(data))
+    except canonical.CanonicalError as exc:
+        raise fail("desired", str(exc)) from None
+    if set(doc) != {"signed", "signatures"}:
+        raise fail("desired", f"keys must be exactly 'signed' and 'signatures', not {sorted(doc)}")
     if not isinstance(doc["signed"], dict):
-        raise _m._fail("desired", "'signed' must be an object")
-    sigs = parse_signatures(doc["signatures"], error=_m.MalformedMessageError)
+        raise fail("desired", "'signed' must be an object")
+    sigs = parse_signatures(doc["signatures"], error=MalformedMessageError)
     trust_root.check_not_expired(now)
     trust_root.verify_role_signatures("director", canonical.encode(doc["signed"]), sigs)
-    state = _m.DesiredState.from_signed_dict(doc["signed"])
+    state = DesiredState.from_signed_dict(doc["signed"])
     if state.target.topic != topic:
         raise WrongTargetError(
             f"desired state for {state.target.key} arrived on {topic}: refusing a re-routed message"
@@ -79,8 +88,8 @@ def verify_desired_state(
             f"desired state v{state.version} for {state.target.key} expired at "
             f"{format_utc(state.expires)}"
         )
-    if state.issued > now + _m.CLOCK_SKEW:
-        raise _m._fail("desired", f"issued {format_utc(state.issued)} is in the future")
+    if state.issued > now + CLOCK_SKEW:
+        raise fail("desired", f"issued {format_utc(state.issued)} is in the future")
     if state.version <= floor:
         raise RollbackError(
             f"desired state v{state.version} for {state.target.key} is not above the accepted "

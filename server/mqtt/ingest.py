@@ -4,9 +4,9 @@ Flow: the network thread hands every telemetry, status and facts delivery to
 ``Ingester.submit`` (a queue; no work on the network thread). The ingester
 thread takes the first waiting delivery, keeps collecting until it holds
 ``batch_max`` of them or ``batch_seconds`` have passed, then parses each one
-(``parse_payloads``, strict and bounded: telemetry through the typed fast path
-``server.mqtt.fastparse``, and through ``TelemetryRecord.from_bytes`` when
-that refuses it; ``StatusMessage`` / ``DeviceFactsMessage``), checks that
+(``parse_payloads``, strict and bounded, with the one wire schema the agent
+uses too: ``TelemetryRecord`` / ``StatusMessage`` / ``DeviceFactsMessage``
+``.from_bytes``, msgspec in C), checks that
 the payload's ``device_id`` is the topic's device, and stores the whole batch
 in ONE transaction: ``telemetry.ingest_summaries`` (insert-or-ignore on
 ``(device_id, seq)``, the device's JSON stored as received),
@@ -56,7 +56,6 @@ from edgefleet.errors import VerificationError
 from edgefleet.messages import DeviceFactsMessage, StatusMessage, TelemetryRecord
 from edgefleet.topics import DeviceChannel, DeviceTopic, TopicError, parse_device_topic
 from server import metrics
-from server.mqtt import fastparse
 from server.mqtt.connection import Delivery
 from server.services import fleet, telemetry
 
@@ -106,11 +105,7 @@ def parse_payloads(items: Sequence[tuple[str, bytes]]) -> list[Parsed]:
                 continue
             message: TelemetryRecord | StatusMessage | DeviceFactsMessage
             if topic.channel is DeviceChannel.TELEMETRY:
-                summary = fastparse.summarize(payload)
-                if summary is not None:  # valid (a subset of what the reference accepts)
-                    out.append(_telemetry(summary, topic))
-                    continue
-                message = TelemetryRecord.from_bytes(payload)  # names the problem, or accepts
+                message = TelemetryRecord.from_bytes(payload)
             elif topic.channel is DeviceChannel.STATUS:
                 message = StatusMessage.from_bytes(payload)
             elif topic.channel is DeviceChannel.FACTS:

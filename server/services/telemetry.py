@@ -1,7 +1,7 @@
 """Telemetry storage: idempotent batch ingestion, queries and retention.
 
-Flow: the MQTT ingester (``server.mqtt.ingest``) validates payloads (the
-typed fast path ``server.mqtt.fastparse``, else ``TelemetryRecord.from_bytes``),
+Flow: the MQTT ingester (``server.mqtt.ingest``) validates payloads
+(``TelemetryRecord.from_bytes``, the one wire schema of ``edgefleet.wire``),
 checks that each record's ``device_id`` matches its topic, and hands batches
 of ``RecordSummary`` + the payload bytes to ``ingest_summaries``
 (``ingest_batch`` does the same for parsed records); the API reads with
@@ -138,7 +138,7 @@ class RecordSummary(NamedTuple):
 
     @classmethod
     def of(cls, record: RecordLike) -> RecordSummary:
-        """The summary of a parsed record (a ``TelemetryRecord`` or the fast path's struct)."""
+        """The summary of a parsed record."""
         model = record.model
         return cls(
             record.device_id,
