@@ -71,6 +71,7 @@ from agent.download import DownloadOptions
 from agent.mqtt import MqttOptions, TlsOptions, Will
 from agent.options import AgentOptions
 from agent.telemetry import TelemetryOptions
+from edgefleet.errors import ConfigError
 from edgefleet.topics import TopicError, validate_device_id, validate_group
 
 if sys.version_info >= (3, 11):
@@ -90,12 +91,6 @@ __all__ = [
     "load_config",
     "parse_config",
 ]
-
-
-class ConfigError(ValueError):
-    """The configuration file is missing, not TOML, or has a bad section, key or value."""
-
-    code = 1
 
 
 def _fail(where: str, msg: str) -> ConfigError:

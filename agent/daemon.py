@@ -59,7 +59,10 @@ from edgefleet import canonical
 from edgefleet.errors import EdgefleetError, TransportError, VerificationError
 from edgefleet.fsutil import atomic_write_bytes
 from edgefleet.manifest import DeviceFacts, Manifest
-from edgefleet.messages import (
+from edgefleet.timeutil import utcnow
+from edgefleet.topics import DeviceChannel, DeviceTopic, GroupTopic, TopicError, parse
+from edgefleet.trust import TrustRoot, verify_desired_state
+from edgefleet.wire import (
     BundleRef,
     DesiredState,
     DeviceFactsMessage,
@@ -67,9 +70,6 @@ from edgefleet.messages import (
     StatusMessage,
     UpdateEvent,
 )
-from edgefleet.timeutil import utcnow
-from edgefleet.topics import DeviceChannel, DeviceTopic, GroupTopic, TopicError, parse
-from edgefleet.trust import TrustRoot, verify_desired_state
 
 __all__ = ["AgentCore", "Daemon", "DesiredBook"]
 

@@ -95,7 +95,7 @@ def _run(args: argparse.Namespace) -> int:
     from agent.core import Agent
     from agent.daemon import Daemon
     from agent.http_endpoint import HttpEndpoint
-    from edgefleet.messages import UpdateEvent
+    from edgefleet.wire import UpdateEvent
 
     def on_event(ev: UpdateEvent) -> None:
         model = f" {ev.model.name} v{ev.model.version}" if ev.model else ""

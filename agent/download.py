@@ -56,18 +56,18 @@ from edgefleet.errors import (
     TransportError,
 )
 from edgefleet.fsutil import atomic_write_bytes, fsync_dir
-from edgefleet.messages import (
+from edgefleet.topics import DeviceTopic
+from edgefleet.wire import (
     MAX_BLOCK_SIZE,
     MAX_REQUEST_BLOCKS,
     MIN_BLOCK_SIZE,
     BundleRef,
     ChunkData,
-    ChunkError,
+    ChunkRefusal,
     ChunkRequest,
     MalformedMessageError,
     parse_chunk_frame,
 )
-from edgefleet.topics import DeviceTopic
 
 __all__ = [
     "BundleUnavailableError",
@@ -403,7 +403,7 @@ class Downloader:
         if frame.bundle_id != self.bundle.id:
             self.stats.stale_frames += 1
             return False
-        if isinstance(frame, ChunkError):
+        if isinstance(frame, ChunkRefusal):
             self._fail(
                 BundleUnavailableError(f"chunk service: {frame.reason} for {frame.bundle_id}")
             )

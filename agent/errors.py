@@ -2,8 +2,9 @@
 
 * Bad content (``VerificationError`` children): besides the verifier's own
   errors, a model that passes signature and hash checks can still be refused
-  on the device: ``HealthCheckError`` and its children (it does not load, its
-  outputs are the wrong shape, NaN, wrong, or too slow) and
+  on the device: ``ModelLoadError`` (shared with compression: onnxruntime
+  does not load it), ``HealthCheckError`` and its children (its outputs are
+  the wrong shape, NaN, wrong, or too slow) and
   ``SlotIntegrityError`` (the files in a slot no longer match their manifest).
   Retrying the same bytes on the same device cannot succeed.
 * Operational problems of the agent itself (``AgentError`` children: no trust
@@ -18,7 +19,7 @@ range and 50-59 are the agent's own; the CLI uses them as exit status.
 
 from __future__ import annotations
 
-from edgefleet.errors import EdgefleetError, TransportError, VerificationError
+from edgefleet.errors import EdgefleetError, ModelLoadError, TransportError, VerificationError
 
 __all__ = [
     "AgentBusyError",
@@ -41,6 +42,7 @@ __all__ = [
     "StorageError",
     "StoreLoopError",
     "TrialExhaustedError",
+    "storage_error",
 ]
 
 
@@ -48,12 +50,6 @@ class HealthCheckError(VerificationError):
     """The model was refused by the on-device health check during its trial."""
 
     code = 40
-
-
-class ModelLoadError(HealthCheckError):
-    """onnxruntime cannot load the model (invalid graph, unknown operator, ...)."""
-
-    code = 41
 
 
 class ModelRunError(HealthCheckError):
@@ -156,6 +152,12 @@ class StorageError(TransportError):
     """Writing the state directory failed (disk full, I/O error)."""
 
     code = 31
+
+
+def storage_error(exc: OSError, what: str) -> StorageError:
+    """``OSError`` -> ``StorageError`` at the agent's boundary, saying what failed and why."""
+    detail = exc.strerror or str(exc) or type(exc).__name__
+    return StorageError(f"{what}: {detail}")
 
 
 class InvalidTransitionError(AgentError):

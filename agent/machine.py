@@ -67,8 +67,8 @@ from agent.state import (
     AgentState,
     ErrorInfo,
     SlotRef,
-    UpdateEvent,
     UpdateInfo,
+    UpdateOutcome,
     UpdateState,
     other_slot,
 )
@@ -296,7 +296,7 @@ class Clean(Action):
 class Report(Action):
     """Hand ``event`` to the event sink."""
 
-    event: UpdateEvent
+    event: UpdateOutcome
 
 
 @dataclass(frozen=True)
@@ -342,7 +342,7 @@ def _finish(s: AgentState, state: UpdateState, outcome: str, error: ErrorInfo | 
     assert upd is not None
     moved = replace(s, state=state, **changes)  # type: ignore[arg-type]
     subject = upd.staged if upd.kind == "install" else s.active
-    event = UpdateEvent(
+    event = UpdateOutcome(
         upd.id,
         upd.kind,
         outcome,

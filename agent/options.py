@@ -8,16 +8,17 @@ value fails at start-up and never halfway through an update.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+from edgefleet.ids import NAME_RE
 
 if TYPE_CHECKING:  # the verifier (and cryptography) load only when an update runs
     from edgefleet.trust import VerifierLimits
 
 __all__ = ["AgentOptions"]
 
-_CLASS_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_CLASS_RE = NAME_RE  # device classes share the topic-level name rule
 
 
 @dataclass(frozen=True)

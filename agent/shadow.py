@@ -12,6 +12,11 @@ outputs are never returned to a caller.
 With ground truth (``Agent.feedback``) the runner also counts how often each
 model's top-1 class was right, for the predictions it still remembers.
 
+Staging (``stage_shadow_bundle``): a shadow bundle is verified like an
+install, into ``slots/shadow/`` (without the rollback check: a shadow never
+serves, so comparing against an older release is allowed); it must take the
+serving model's inputs (``compatible_inputs``).
+
 Guarantees: ``submit`` never blocks and never raises; a failing shadow run is
 counted in ``errors``; ``close`` stops the worker.
 """
@@ -25,13 +30,23 @@ import statistics
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
+from datetime import datetime
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 
+from agent.errors import storage_error
+from agent.fs import FileSystem
 from agent.runtime import LoadedModel
+from agent.slots import SHADOW_SLOT, SlotWriter, StateLayout, clean_slot, stage_slot
+from agent.state import SlotRef
+from edgefleet.manifest import DeviceFacts, Manifest
 
-__all__ = ["ShadowRunner"]
+if TYPE_CHECKING:
+    from edgefleet.trust import TrustRoot, VerifierLimits
+
+__all__ = ["ShadowRunner", "compatible_inputs", "describe_inputs", "stage_shadow_bundle"]
 
 _STOP = object()
 _LATENCY_WINDOW = 1024  # latencies kept for the medians
@@ -206,3 +221,71 @@ class ShadowRunner:
                 self._queue.get_nowait()
         self._queue.put(_STOP)
         self._thread.join(timeout=5.0)
+
+
+def stage_shadow_bundle(
+    source: Path | str | IO[bytes] | bytes | bytearray | memoryview,
+    *,
+    fs: FileSystem,
+    layout: StateLayout,
+    trust_root: TrustRoot,
+    device: DeviceFacts,
+    now: datetime,
+    limits: VerifierLimits | None,
+) -> SlotRef:
+    """Verify a bundle into the shadow slot and stage it; returns the slot's reference.
+
+    Raises:
+        VerificationError: the bundle is rejected.
+        StorageError: writing the shadow slot failed.
+    """
+    from edgefleet.bundle import signatures_bytes
+    from edgefleet.trust import verify_bundle
+
+    slot_dir = layout.slot_dir(SHADOW_SLOT)
+    writer = SlotWriter(fs, slot_dir)
+    with contextlib.ExitStack() as stack:
+        bundle = (
+            stack.enter_context(open(source, "rb")) if isinstance(source, (str, Path)) else source
+        )
+        try:
+            clean_slot(fs, layout, SHADOW_SLOT)
+            verified = verify_bundle(
+                bundle,
+                trust_root=trust_root,
+                device=device,
+                installed=None,
+                now=now,
+                sink=writer,
+                limits=limits,
+            )
+            writer.write_metadata(verified.manifest_bytes, signatures_bytes(verified.signatures))
+            stage_slot(fs, slot_dir)
+        except OSError as exc:
+            writer.discard()
+            raise storage_error(exc, "writing the shadow slot failed") from exc
+        except BaseException:
+            writer.discard()
+            raise
+    m = verified.manifest
+    return SlotRef(SHADOW_SLOT, m.name, m.version, verified.manifest_sha256)
+
+
+def compatible_inputs(a: Manifest, b: Manifest) -> bool:
+    """Same input names and dtypes, same ranks, equal wherever both dimensions are fixed."""
+    specs = {t.name: t for t in b.inputs}
+    if sorted(specs) != sorted(t.name for t in a.inputs):
+        return False
+    for t in a.inputs:
+        other = specs[t.name]
+        if t.dtype != other.dtype or len(t.shape) != len(other.shape):
+            return False
+        for x, y in zip(t.shape, other.shape, strict=True):
+            if isinstance(x, int) and isinstance(y, int) and x != y:
+                return False
+    return True
+
+
+def describe_inputs(m: Manifest) -> str:
+    """``name dtype[shape], ...`` for messages."""
+    return ", ".join(f"{t.name} {t.dtype}{list(t.shape)}" for t in m.inputs)

@@ -33,6 +33,7 @@ from typing import Any
 from agent.errors import StateCorruptError
 from agent.fs import FileSystem, atomic_write
 from edgefleet.errors import EdgefleetError
+from edgefleet.ids import HEX64_RE
 
 __all__ = [
     "HISTORY_LIMIT",
@@ -42,8 +43,8 @@ __all__ = [
     "AgentState",
     "ErrorInfo",
     "SlotRef",
-    "UpdateEvent",
     "UpdateInfo",
+    "UpdateOutcome",
     "UpdateState",
     "load_state",
     "other_slot",
@@ -57,7 +58,7 @@ HISTORY_LIMIT = 20
 # install: a bundle; rollback: an operator's request; recover: the active slot
 # failed to load at start-up and the agent falls back on its own.
 UPDATE_KINDS = ("install", "rollback", "recover")
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_HEX64 = HEX64_RE
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 
 
@@ -156,8 +157,12 @@ class ErrorInfo:
 
 
 @dataclass(frozen=True)
-class UpdateEvent:
-    """The outcome of one update, reported to the event sink and kept in history."""
+class UpdateOutcome:
+    """The outcome of one update, reported to the event sink and kept in history.
+
+    Not a wire message: the server hears about updates through the telemetry
+    record's ``events`` (``edgefleet.wire.UpdateEvent``, one per step).
+    """
 
     update_id: str
     kind: str  # one of UPDATE_KINDS
@@ -181,7 +186,7 @@ class UpdateEvent:
         }
 
     @classmethod
-    def from_dict(cls, d: Any, what: str) -> UpdateEvent:
+    def from_dict(cls, d: Any, what: str) -> UpdateOutcome:
         outcome = _get(d, "outcome", str, what)
         if outcome not in ("committed", "rolled-back", "aborted"):
             raise _bad(f"{what}.outcome {outcome!r} is unknown")
@@ -272,7 +277,7 @@ class AgentState:
     trial_restarts: int = 0
     rollback_floor: Mapping[str, int] = field(default_factory=dict)
     last_error: ErrorInfo | None = None
-    history: tuple[UpdateEvent, ...] = ()
+    history: tuple[UpdateOutcome, ...] = ()
     seq: int = 0  # total stores ever made; lets readers notice a change
 
     def to_dict(self) -> dict[str, Any]:
@@ -328,7 +333,9 @@ class AgentState:
             trial_restarts=restarts,
             rollback_floor=dict(floor),
             last_error=ErrorInfo.from_dict(d.get("last_error"), "last_error"),
-            history=tuple(UpdateEvent.from_dict(e, f"history[{i}]") for i, e in enumerate(history)),
+            history=tuple(
+                UpdateOutcome.from_dict(e, f"history[{i}]") for i, e in enumerate(history)
+            ),
             seq=seq,
         )
         out.check_consistent()

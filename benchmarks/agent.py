@@ -182,7 +182,7 @@ class MinimalRecorder:
 def make_recorder(work: Path, reference: dict[str, Any]) -> tuple[Any, str]:
     try:
         from agent.telemetry import Spool, TelemetryRecorder
-        from edgefleet.messages import ModelRef
+        from edgefleet.wire import ModelRef
     except ImportError:
         return MinimalRecorder(reference), "benchmarks.agent.MinimalRecorder (fallback)"
     recorder = TelemetryRecorder(

@@ -156,14 +156,14 @@ def make_stream(path: Path, messages: int, devices: int) -> None:
     """Pre-generate the records (publisher reads them; generation is not timed)."""
     import random
 
-    from edgefleet.messages import (
+    from edgefleet.topics import DeviceTopic
+    from edgefleet.wire import (
         FeatureCounts,
         LatencySummary,
         ModelRef,
         OutputSummary,
         TelemetryRecord,
     )
-    from edgefleet.topics import DeviceTopic
 
     rng = random.Random(7)
     base = 1_780_315_200_000
@@ -206,7 +206,7 @@ def run_bare(port: int, stream: Path, messages: int) -> dict[str, Any]:
     """The baseline alone: the bare counter receives the whole stream."""
     import paho.mqtt.client as mqtt
 
-    from edgefleet.messages import TelemetryRecord
+    from edgefleet.wire import TelemetryRecord
 
     counter = subprocess.Popen(
         [sys.executable, "-c", COUNTER, str(port), str(messages), "600"],
@@ -304,7 +304,7 @@ def run_pass(
         # Warm up until both subscribers receive: one record on a separate device.
         import paho.mqtt.client as mqtt
 
-        from edgefleet.messages import TelemetryRecord
+        from edgefleet.wire import TelemetryRecord
 
         warm = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
         warm.connect("127.0.0.1", port)

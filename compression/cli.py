@@ -114,7 +114,8 @@ def run(args: argparse.Namespace) -> int:
     Returns:
         The process exit code (see the module docstring).
     """
-    from compression.errors import CompressionError, GateError
+    from compression.errors import GateError
+    from edgefleet.errors import EdgefleetError
 
     try:
         config = _config(args)
@@ -142,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
             _print_table(exc.candidates, chosen=None)
             print(f"edgefleet compress: error: GateError: {exc}", file=sys.stderr)
         return EXIT_GATE
-    except CompressionError as exc:
+    except EdgefleetError as exc:  # CompressionError, ConfigError, ModelLoadError
         print(f"edgefleet compress: error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_INPUT
     if args.json:

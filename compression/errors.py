@@ -1,11 +1,15 @@
 """Exceptions raised by the compression subsystem.
 
-Flow: every failure the pipeline can diagnose is raised as a subclass of
-:class:`CompressionError`, grouped by cause so that callers (the CLI, the bundle
-builder) can map them to one-line messages and exit codes:
+Flow: every failure the pipeline can diagnose is raised as an
+``edgefleet.errors.EdgefleetError``: a subclass of :class:`CompressionError`,
+grouped by cause, or the project's shared :class:`ConfigError` (a bad setting),
+so that callers (the CLI, the bundle builder) can map them to one-line messages
+and exit codes:
 
-* :class:`ModelLoadError` -- the MODEL argument is missing, not a model, or cannot
-  be exported (:class:`ExportError`, :class:`UnsupportedOperatorError`).
+* :class:`ModelLoadError` (shared) -- the MODEL argument is missing
+  (:class:`ModelNotFoundError`), not a model (:class:`NotAModelError`), or cannot
+  be exported (:class:`ExportError`, :class:`UnsupportedOperatorError`); each of
+  those is also a :class:`CompressionError`.
 * :class:`DataError` -- CALIB/EVAL do not fit the model (:class:`ShapeMismatchError`,
   :class:`MissingInputError`, :class:`MissingLabelsError`).
 * :class:`QuantizationError` -- a quantizer failed on a valid model.
@@ -22,20 +26,28 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from edgefleet.errors import ConfigError as ConfigError
+from edgefleet.errors import EdgefleetError
+from edgefleet.errors import ModelLoadError as ModelLoadError
 
-class CompressionError(Exception):
+# ``ConfigError`` and ``ModelLoadError`` are edgefleet's shared classes (one
+# of each for the whole project); they are re-exported here for callers of
+# this package.
+
+
+class CompressionError(EdgefleetError):
     """Root of every error the compression subsystem raises on purpose."""
 
 
-class ModelLoadError(CompressionError):
-    """The MODEL argument cannot be read as a model."""
+class ModelNotFoundError(ModelLoadError, CompressionError):
+    """The MODEL path does not exist."""
 
 
-class NotAModelError(ModelLoadError):
+class NotAModelError(ModelLoadError, CompressionError):
     """The file exists but is neither ONNX, a ``torch.export`` program nor TorchScript."""
 
 
-class ExportError(ModelLoadError):
+class ExportError(ModelLoadError, CompressionError):
     """Converting a torch model to ONNX failed for a reason other than unsupported ops."""
 
 
@@ -73,10 +85,6 @@ class MissingLabelsError(DataError):
 
 class QuantizationError(CompressionError):
     """onnxruntime's quantizer (or the fp16 converter) failed on a valid model."""
-
-
-class ConfigError(CompressionError, ValueError):
-    """A configuration value is outside its documented bounds."""
 
 
 class GateError(CompressionError):

@@ -42,7 +42,7 @@ from onnx import helper
 from compression.data import Dim, InputSpec
 from compression.errors import (
     ExportError,
-    ModelLoadError,
+    ModelNotFoundError,
     NotAModelError,
     ShapeMismatchError,
     UnsupportedOperatorError,
@@ -122,7 +122,7 @@ def load_model(path: str | os.PathLike[str]) -> LoadedModel:
     """
     p = Path(path)
     if not p.exists():
-        raise ModelLoadError(f"model file not found: {p}")
+        raise ModelNotFoundError(f"model file not found: {p}")
     if not p.is_file():
         raise NotAModelError(f"{p} is not a file")
     if zipfile.is_zipfile(p):

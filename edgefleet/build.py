@@ -25,7 +25,7 @@ from typing import Any
 
 import zstandard
 
-from edgefleet.errors import MalformedBundleError
+from edgefleet.errors import EdgefleetError, MalformedBundleError
 from edgefleet.keys import SigningKey
 from edgefleet.manifest import (
     DTYPE_SIZES,
@@ -62,7 +62,7 @@ _ORT_FOR_OPSET = {
 }  # fmt: skip
 
 
-class ModelFileError(ValueError):
+class ModelFileError(EdgefleetError, ValueError):
     """The model file cannot go into a bundle (not ONNX, external data, ...)."""
 
 

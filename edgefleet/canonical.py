@@ -15,10 +15,12 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from edgefleet.errors import VerificationError
+
 __all__ = ["CanonicalError", "decode_strict", "encode"]
 
 
-class CanonicalError(ValueError):
+class CanonicalError(VerificationError, ValueError):
     """The bytes are not one canonical JSON object."""
 
 

@@ -7,7 +7,7 @@ block and a bitmap of at most ``MAX_REQUEST_BLOCKS`` blocks after it
 (``plan_request``). The server's ``ChunkResponder`` answers each requested
 block with one ``ChunkData`` frame, reading exactly that block from a
 ``BlockSource`` (a seekable file): memory per request is one block, never the
-bundle. Unknown bundles get a ``ChunkError``.
+bundle. Unknown bundles get a ``ChunkRefusal``.
 
 Invariants: a block index is valid iff ``0 <= b < block_count(size,
 block_size)``; ``block_span`` never reaches past ``size``; a ``Bitmap``'s
@@ -26,12 +26,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
-from edgefleet.messages import (
+from edgefleet.wire import (
     MAX_BLOCK_SIZE,
     MAX_REQUEST_BLOCKS,
     MIN_BLOCK_SIZE,
     ChunkData,
-    ChunkError,
+    ChunkRefusal,
     ChunkRequest,
 )
 
@@ -292,7 +292,7 @@ class ChunkResponder:
         self.max_blocks_per_request = max_blocks_per_request
         self.stats = ResponderStats()
 
-    def respond(self, request: ChunkRequest) -> Iterator[ChunkData | ChunkError]:
+    def respond(self, request: ChunkRequest) -> Iterator[ChunkData | ChunkRefusal]:
         """Yield one frame per requested, in-range block (lazily: one block read per step).
 
         At most ``max_blocks_per_request`` blocks are served per request; the
@@ -305,12 +305,12 @@ class ChunkResponder:
         self.stats.requests += 1
         if not self.min_block_size <= request.block_size <= self.max_block_size:
             self.stats.bad_requests += 1
-            yield ChunkError(request.bundle_id, "bad-request", request.token)
+            yield ChunkRefusal(request.bundle_id, "bad-request", request.token)
             return
         source = self._resolve(request.bundle_id)
         if source is None:
             self.stats.unknown_bundle += 1
-            yield ChunkError(request.bundle_id, "unknown-bundle", request.token)
+            yield ChunkRefusal(request.bundle_id, "unknown-bundle", request.token)
             return
         size = source.size
         nblocks = block_count(size, request.block_size)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 __all__ = [
     "BadSignatureError",
+    "ConfigError",
     "DecompressionBombError",
     "DuplicateMemberError",
     "EdgefleetError",
@@ -27,6 +28,7 @@ __all__ = [
     "LengthMismatchError",
     "MalformedBundleError",
     "MissingMemberError",
+    "ModelLoadError",
     "OversizedPayloadError",
     "PathTraversalError",
     "RollbackError",
@@ -42,6 +44,17 @@ class EdgefleetError(Exception):
     """Root of every error edgefleet raises on purpose."""
 
     code: int = 1
+
+
+class ConfigError(EdgefleetError, ValueError):
+    """A configuration file, setting or option is missing, malformed or out of bounds.
+
+    The one configuration error of every part (``agent.toml``, the server's
+    settings, the compression options); the message names the key and the
+    rule. A ``ValueError`` too, so pydantic validators may raise it.
+    """
+
+    code = 1
 
 
 class VerificationError(EdgefleetError):
@@ -134,6 +147,18 @@ class DecompressionBombError(MalformedBundleError):
     """A compressed payload expands beyond its declared size or the ratio limit."""
 
     code = 24
+
+
+class ModelLoadError(VerificationError):
+    """A model cannot be loaded: the file is missing or not a model, or the runtime refuses it.
+
+    Raised by the agent's runtime (onnxruntime refuses the graph: an invalid
+    model or an unknown operator fails the health check) and by compression
+    (the MODEL argument is neither ONNX, a ``torch.export`` program nor
+    TorchScript).
+    """
+
+    code = 41
 
 
 class TransportError(EdgefleetError):

@@ -19,6 +19,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from edgefleet.errors import EdgefleetError
 from edgefleet.fsutil import atomic_write_bytes
 
 __all__ = [
@@ -33,7 +34,7 @@ __all__ = [
 PASSPHRASE_ENV = "EDGEFLEET_KEY_PASSPHRASE"
 
 
-class KeyFileError(ValueError):
+class KeyFileError(EdgefleetError, ValueError):
     """A key file is missing, unreadable, not Ed25519, or needs a passphrase."""
 
 

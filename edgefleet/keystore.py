@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from edgefleet import canonical
+from edgefleet.errors import EdgefleetError
 from edgefleet.fsutil import atomic_write_bytes
 from edgefleet.keys import PublicKey, SigningKey, generate, load_signing_key
 from edgefleet.timeutil import format_utc, utcnow
@@ -37,7 +38,7 @@ TRUST_ROOT_FILE = "trust-root.json"
 _KEYFILE = re.compile(r"^(root|release|director)-(\d+)\.key$")
 
 
-class KeyStoreError(ValueError):
+class KeyStoreError(EdgefleetError, ValueError):
     """The key directory cannot do what was asked (names the reason)."""
 
 

@@ -35,6 +35,7 @@ from edgefleet.errors import (
     PathTraversalError,
     WrongTargetError,
 )
+from edgefleet.ids import HEX64_RE, ID_RE, MAX_VERSION, MODEL_NAME_RE, NAME_RE
 from edgefleet.timeutil import format_utc, parse_utc
 
 __all__ = [
@@ -55,11 +56,11 @@ __all__ = [
 
 FORMAT_VERSION = 1
 COMPRESSIONS = ("none", "zstd")
-MAX_MODEL_VERSION = 2**53 - 1
-_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
-_PATH_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
-_CLASS_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+MAX_MODEL_VERSION = MAX_VERSION
+_NAME_RE = MODEL_NAME_RE
+_PATH_RE = ID_RE  # payload paths: one plain file name
+_HEX64 = HEX64_RE
+_CLASS_RE = NAME_RE
 DTYPE_SIZES = {
     "float32": 4, "float16": 2, "float64": 8, "int8": 1, "uint8": 1, "int16": 2,
     "int32": 4, "int64": 8, "bool": 1,
@@ -383,7 +384,7 @@ def _check_health(d: Any, max_bytes: int) -> dict[str, Any]:
 
 
 # The keys of one drift-reference entry (as ``edgefleet compress`` writes them); the
-# bounds match what a telemetry record may carry (``edgefleet.messages``).
+# bounds match what a telemetry record may carry (``edgefleet.wire``).
 _PROFILE_KEYS = {
     "features": {"input", "index", "name", "edges", "expected"},
     "channels": {"input", "channel", "mean", "std", "edges", "expected"},

@@ -28,9 +28,11 @@ from __future__ import annotations
 
 import enum
 import functools
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+
+from edgefleet.errors import VerificationError
+from edgefleet.ids import NAME_PATTERN, NAME_RE
 
 __all__ = [
     "MAX_TOPIC_BYTES",
@@ -52,13 +54,12 @@ __all__ = [
 ]
 
 PREFIX = "edgefleet/v1"
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
-_NAME_RE = re.compile(NAME_PATTERN)
-_SHARE_GROUP_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_NAME_RE = NAME_RE  # device ids and group names (edgefleet.ids.NAME_PATTERN)
+_SHARE_GROUP_RE = NAME_RE
 MAX_TOPIC_BYTES = 65535  # MQTT's UTF-8 string limit
 
 
-class TopicError(ValueError):
+class TopicError(VerificationError, ValueError):
     """A topic, filter, device id or group name is not part of the edgefleet tree."""
 
 

@@ -34,7 +34,7 @@ from typing import IO, TYPE_CHECKING, Any, TypeVar
 from agent.core import Agent, InstallResult
 from agent.options import AgentOptions
 from agent.runtime import Session, SessionFactory, make_session
-from agent.state import UpdateEvent
+from agent.state import UpdateOutcome
 from edgefleet.manifest import DeviceFacts
 from firmware_sim.disk import FaultPlan, PowerCut, ProcessKilled, SimDisk, SimulatedCrash
 from firmware_sim.network import (
@@ -47,7 +47,7 @@ from firmware_sim.network import (
 
 if TYPE_CHECKING:
     from agent.download import DownloadOptions, NetworkFaults
-    from edgefleet.messages import BundleRef
+    from edgefleet.wire import BundleRef
 
 __all__ = ["SimDevice"]
 
@@ -101,7 +101,7 @@ class SimDevice:
         self.agent: Agent | None = None
         self.boots = 0
         self.crashes: list[SimulatedCrash] = []
-        self.events: list[UpdateEvent] = []
+        self.events: list[UpdateOutcome] = []
         self._session_factory: SessionFactory = self._make_session
         self.network = network
         self.device_id = device_id

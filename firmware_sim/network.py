@@ -65,14 +65,14 @@ from agent.mqtt import MqttConnection, MqttError, MqttOptions
 from edgefleet import canonical
 from edgefleet.chunks import Bitmap, ChunkResponder, FileBlockSource, block_count, block_span
 from edgefleet.errors import EdgefleetError
-from edgefleet.messages import (
+from edgefleet.topics import DeviceChannel, DeviceTopic, TopicError, all_devices, parse, shared
+from edgefleet.wire import (
     BundleRef,
     ChunkData,
     ChunkRequest,
     MalformedMessageError,
     parse_chunk_frame,
 )
-from edgefleet.topics import DeviceChannel, DeviceTopic, TopicError, all_devices, parse, shared
 from firmware_sim.disk import SimulatedCrash
 
 __all__ = [

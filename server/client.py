@@ -1,7 +1,9 @@
 """A small HTTP client for the server's REST API (used by the CLI verbs).
 
 Flow: ``ApiClient(server, token)`` wraps ``httpx.Client``; each method sends
-one request and returns the decoded JSON, or raises ``ApiError`` carrying the
+one request (one method per API call, with typed arguments; the URL is built
+here, never by the caller) and returns the decoded JSON (``manifest`` returns
+the raw bytes to sign), or raises ``ApiError`` carrying the
 HTTP status and the server's ``detail`` message. Connection failures become
 ``edgefleet.errors.TransportError`` (exit code 30), so the CLI reports one
 error family. ``transport`` is the test seam (an ``httpx`` transport).
@@ -11,7 +13,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 
@@ -123,3 +125,163 @@ class ApiClient:
             finally:
                 for fh in handles:
                     fh.close()
+
+    def get_version(self, name: str, version: int) -> dict[str, Any]:
+        """``GET /models/{name}/versions/{version}``."""
+        return cast(dict[str, Any], self.json("GET", f"/models/{name}/versions/{version}"))
+
+    def list_models(self) -> dict[str, Any]:
+        """``GET /models``."""
+        return cast(dict[str, Any], self.json("GET", "/models"))
+
+    def get_model(self, name: str) -> dict[str, Any]:
+        """``GET /models/{name}``: the model and its versions."""
+        return cast(dict[str, Any], self.json("GET", f"/models/{name}"))
+
+    def manifest(self, name: str, version: int) -> bytes:
+        """``GET /models/{name}/versions/{version}/manifest``: the exact bytes to sign."""
+        return self.request("GET", f"/models/{name}/versions/{version}/manifest").content
+
+    def add_signature(self, name: str, version: int, *, keyid: str, sig: str) -> dict[str, Any]:
+        """``POST /models/{name}/versions/{version}/signatures`` (``sig`` is base64)."""
+        return cast(
+            dict[str, Any],
+            self.json(
+                "POST",
+                f"/models/{name}/versions/{version}/signatures",
+                json={"keyid": keyid, "sig": sig},
+            ),
+        )
+
+    def publish_version(self, name: str, version: int) -> dict[str, Any]:
+        """``POST /models/{name}/versions/{version}/publish``."""
+        return cast(dict[str, Any], self.json("POST", f"/models/{name}/versions/{version}/publish"))
+
+    def get_job(self, job_id: str) -> dict[str, Any]:
+        """``GET /jobs/{job_id}``."""
+        return cast(dict[str, Any], self.json("GET", f"/jobs/{job_id}"))
+
+    def create_token(self, name: str, role: str) -> dict[str, Any]:
+        """``POST /tokens``: the response carries the token, shown once."""
+        return cast(dict[str, Any], self.json("POST", "/tokens", json={"name": name, "role": role}))
+
+    def list_tokens(self) -> list[dict[str, Any]]:
+        """``GET /tokens``."""
+        return cast(list[dict[str, Any]], self.json("GET", "/tokens"))
+
+    def revoke_token(self, token_id: str) -> dict[str, Any]:
+        """``DELETE /tokens/{token_id}``."""
+        return cast(dict[str, Any], self.json("DELETE", f"/tokens/{token_id}"))
+
+    def enroll_device(
+        self,
+        *,
+        device_id: str | None,
+        device_class: str,
+        groups: list[str],
+        tags: list[str],
+    ) -> dict[str, Any]:
+        """``POST /devices``: the response carries the broker credentials, shown once."""
+        body = {
+            "device_id": device_id,
+            "device_class": device_class,
+            "groups": groups,
+            "tags": tags,
+        }
+        return cast(dict[str, Any], self.json("POST", "/devices", json=body))
+
+    def list_devices(
+        self,
+        *,
+        limit: int,
+        group: str | None = None,
+        tag: str | None = None,
+        device_class: str | None = None,
+        online: bool = False,
+    ) -> dict[str, Any]:
+        """``GET /devices`` (filters left out when not given)."""
+        params: dict[str, Any] = {"limit": limit}
+        for key, value in (("group", group), ("tag", tag), ("device_class", device_class)):
+            if value:
+                params[key] = value
+        if online:
+            params["online"] = "true"
+        return cast(dict[str, Any], self.json("GET", "/devices", params=params))
+
+    def get_device(self, device_id: str) -> dict[str, Any]:
+        """``GET /devices/{device_id}``."""
+        return cast(dict[str, Any], self.json("GET", f"/devices/{device_id}"))
+
+    def remove_device(self, device_id: str) -> dict[str, Any]:
+        """``DELETE /devices/{device_id}``."""
+        return cast(dict[str, Any], self.json("DELETE", f"/devices/{device_id}"))
+
+    def device_desired(self, device_id: str) -> dict[str, Any]:
+        """``GET /devices/{device_id}/desired``."""
+        return cast(dict[str, Any], self.json("GET", f"/devices/{device_id}/desired"))
+
+    def deploy(
+        self,
+        model: str,
+        version: int,
+        *,
+        device: str | None = None,
+        group: str | None = None,
+        shadow: tuple[str, int] | None = None,
+        rollout_id: str | None = None,
+        expires_days: int | None = None,
+    ) -> dict[str, Any]:
+        """``POST /deployments`` to one device or (without ``device``) one group."""
+        body: dict[str, Any] = {"model": model, "version": version}
+        if shadow is not None:
+            body["shadow"] = {"model": shadow[0], "version": shadow[1]}
+        if rollout_id:
+            body["rollout_id"] = rollout_id
+        if expires_days:
+            body["expires_days"] = expires_days
+        body["target"] = {"device": device} if device else {"group": group}
+        return cast(dict[str, Any], self.json("POST", "/deployments", json=body))
+
+    def list_deployments(
+        self, *, limit: int, device: str | None = None, group: str | None = None
+    ) -> dict[str, Any]:
+        """``GET /deployments``, newest first."""
+        params: dict[str, Any] = {"limit": limit}
+        if device:
+            params["device"] = device
+        if group:
+            params["group"] = group
+        return cast(dict[str, Any], self.json("GET", "/deployments", params=params))
+
+    def telemetry(
+        self,
+        *,
+        limit: int,
+        device_id: str | None = None,
+        model: str | None = None,
+        version: int | None = None,
+        since: str | None = None,
+        until: str | None = None,
+    ) -> dict[str, Any]:
+        """``GET /telemetry`` (filters left out when None)."""
+        params: dict[str, Any] = {"limit": limit}
+        for key, value in (
+            ("device_id", device_id),
+            ("model", model),
+            ("version", version),
+            ("since", since),
+            ("until", until),
+        ):
+            if value is not None:
+                params[key] = value
+        return cast(dict[str, Any], self.json("GET", "/telemetry", params=params))
+
+    def verify_audit(self) -> dict[str, Any]:
+        """``GET /audit/verify``."""
+        return cast(dict[str, Any], self.json("GET", "/audit/verify"))
+
+    def list_audit(self, *, after: int, limit: int) -> dict[str, Any]:
+        """``GET /audit`` entries with id > ``after``."""
+        return cast(
+            dict[str, Any], self.json("GET", "/audit", params={"after": after, "limit": limit})
+        )

@@ -8,6 +8,8 @@ request never damages an existing row.
 
 from __future__ import annotations
 
+from edgefleet.errors import EdgefleetError
+
 __all__ = [
     "AuthenticationError",
     "ConflictError",
@@ -21,8 +23,8 @@ __all__ = [
 ]
 
 
-class ServerError(Exception):
-    """Root of the server's deliberate errors."""
+class ServerError(EdgefleetError):
+    """Root of the server's deliberate errors (under the project's ``EdgefleetError``)."""
 
     status = 500
 

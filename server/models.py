@@ -10,8 +10,12 @@ Data model:
 * ``models`` -> ``model_versions`` -> ``version_signatures``: the registry. A
   version's ``status`` moves ``queued -> building -> (awaiting_signatures ->)
   published`` or to ``failed``; a published version never changes again.
-* ``jobs``: background build jobs with a lease, so a replica that dies loses
-  nothing (another replica requeues the job when the lease runs out).
+* ``jobs``: background build jobs; a running job is held under the lease
+  ``job:<id>``, so a replica that dies loses nothing (another replica
+  requeues the job when the lease runs out).
+* ``leases``: one row per named lease (``server.workers.lease``): its holder,
+  expiry and an ``epoch`` that grows on every change of holder and fences
+  the holder's writes.
 * ``devices`` (+ ``device_groups``, ``device_tags``): enrolled devices, their
   broker credentials (PBKDF2 hash only), facts and online status.
 * ``telemetry``: one row per telemetry record, unique by (device_id, seq).
@@ -57,6 +61,7 @@ __all__ = [
     "DeviceGroup",
     "DeviceTag",
     "Job",
+    "Lease",
     "Model",
     "ModelVersion",
     "TelemetryRow",
@@ -193,12 +198,20 @@ class Job(Base):
     progress: Mapped[float] = mapped_column(Float, default=0.0)
     message: Mapped[str] = mapped_column(Text, default="")
     error: Mapped[str | None] = mapped_column(Text)
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
-    lease_owner: Mapped[str | None] = mapped_column(String(64))
-    lease_expires: Mapped[datetime | None]
+    attempts: Mapped[int] = mapped_column(Integer, default=0)  # claims so far
     created_at: Mapped[datetime]
     updated_at: Mapped[datetime]
     finished_at: Mapped[datetime | None]
+
+
+class Lease(Base):
+    __tablename__ = "leases"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    holder: Mapped[str | None] = mapped_column(String(128))
+    epoch: Mapped[int] = mapped_column(BigInteger, default=0)
+    expires_at: Mapped[datetime | None]
+    acquired_at: Mapped[datetime | None]
 
 
 class Device(Base):

@@ -33,6 +33,9 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from edgefleet.errors import ConfigError
+from edgefleet.ids import ID_PATTERN
+
 __all__ = [
     "ConfigError",
     "Settings",
@@ -45,10 +48,6 @@ CONFIG_ENV = "EDGEFLEET_CONFIG"
 _CONFIG_FILE: contextvars.ContextVar[Path | None] = contextvars.ContextVar(
     "edgefleet_config_file", default=None
 )
-
-
-class ConfigError(ValueError):
-    """The configuration cannot start a server; the message says what to set."""
 
 
 class Settings(BaseSettings):
@@ -207,7 +206,7 @@ class Settings(BaseSettings):
     @field_validator("mqtt_client_id")
     @classmethod
     def _safe_client_id(cls, value: str | None) -> str | None:
-        if value is not None and not re.fullmatch(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$", value):
+        if value is not None and not re.fullmatch(ID_PATTERN, value):
             raise ValueError("mqtt_client_id: use 1-128 ASCII letters, digits, '.', '_' or '-'")
         return value
 

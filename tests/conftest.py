@@ -73,8 +73,8 @@ class ChunkService:
         assert self.conn.wait_connected(5), self.conn.last_error
 
     def _on_message(self, topic: str, payload: bytes, retained: bool) -> None:
-        from edgefleet.messages import ChunkRequest
         from edgefleet.topics import DeviceTopic, parse
+        from edgefleet.wire import ChunkRequest
 
         target = parse(topic)
         assert isinstance(target, DeviceTopic)

@@ -19,10 +19,10 @@ from edgefleet.chunks import (
     block_span,
     plan_request,
 )
-from edgefleet.messages import (
+from edgefleet.wire import (
     MAX_REQUEST_BLOCKS,
     ChunkData,
-    ChunkError,
+    ChunkRefusal,
     ChunkRequest,
     MalformedMessageError,
     parse_chunk_frame,
@@ -120,9 +120,9 @@ def test_responder_reads_only_requested_blocks() -> None:
 def test_responder_answers_unknown_bundle_and_bad_block_size() -> None:
     responder = ChunkResponder(lambda bid: None, max_block_size=4096)
     (err,) = list(responder.respond(ChunkRequest("nope", 1024, 0, b"\x01", "tok")))
-    assert isinstance(err, ChunkError) and err.reason == "unknown-bundle" and err.token == "tok"
+    assert isinstance(err, ChunkRefusal) and err.reason == "unknown-bundle" and err.token == "tok"
     (err,) = list(responder.respond(ChunkRequest("nope", 8192, 0, b"\x01")))
-    assert isinstance(err, ChunkError) and err.reason == "bad-request"
+    assert isinstance(err, ChunkRefusal) and err.reason == "bad-request"
 
 
 def test_responder_caps_blocks_per_request(tmp_path: Path) -> None:

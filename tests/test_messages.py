@@ -23,19 +23,20 @@ from edgefleet.errors import (
 )
 from edgefleet.keys import SigningKey, generate, load_signing_key
 from edgefleet.keystore import KeyStore
-from edgefleet.messages import (
+from edgefleet.topics import DeviceTopic, GroupTopic
+from edgefleet.trust import Signature, TrustRoot, verify_desired_state
+from edgefleet.wire import (
     ArraySample,
     BundleRef,
     ChannelCounts,
     ChunkData,
-    ChunkError,
+    ChunkRefusal,
     ChunkRequest,
     DesiredState,
     DesiredTarget,
     DeviceFactsMessage,
     FeatureCounts,
     Feedback,
-    Health,
     LatencySummary,
     MalformedMessageError,
     ModelRef,
@@ -48,10 +49,9 @@ from edgefleet.messages import (
     StatusMessage,
     TelemetryRecord,
     UpdateEvent,
+    Vitals,
     parse_chunk_frame,
 )
-from edgefleet.topics import DeviceTopic, GroupTopic
-from edgefleet.trust import Signature, TrustRoot, verify_desired_state
 
 NOW = datetime(2026, 6, 1, 12, 0, 0, tzinfo=timezone.utc)
 SHA = "ab" * 32
@@ -221,7 +221,7 @@ def test_chunk_frame_roundtrip() -> None:
     frame = ChunkData("b", 2, 1024, 2100, b"x" * 52, "t")
     assert parse_chunk_frame(frame.to_bytes()) == frame
     assert frame.offset == 2048
-    err = ChunkError("b", "unknown-bundle", "t")
+    err = ChunkRefusal("b", "unknown-bundle", "t")
     assert parse_chunk_frame(err.to_bytes()) == err
 
 
@@ -264,7 +264,7 @@ def full_record() -> TelemetryRecord:
         features=(FeatureCounts("x", 0, "f0", (1,) * 10, 0),),
         channels=(ChannelCounts("img", 1, (2,) * 10, 3, 0.5, 0.1),),
         shadow=ShadowSummary(ModelRef("tiny", 3), 100, 2, 0.97, None, 1.1, 0.9, 10, 0.8, 0.9),
-        health=Health(12.5, 0.3, 50_000_000, 10**9, 48.2),
+        health=Vitals(12.5, 0.3, 50_000_000, 10**9, 48.2),
         events=(UpdateEvent(1001.0, "install-failed", 4, ModelRef("tiny", 3), "health check"),),
         spool=SpoolCounters(dropped=3, enospc=1),
         dropped_observations=5,
@@ -330,7 +330,7 @@ def test_signature_list_is_bounded(keys) -> None:
 
 def test_shared_protocol_modules_do_not_import_paho() -> None:
     code = (
-        "import sys, edgefleet.topics, edgefleet.messages, edgefleet.chunks; "
+        "import sys, edgefleet.topics, edgefleet.wire, edgefleet.chunks; "
         "sys.exit(1 if any(m.startswith('paho') for m in sys.modules) else 0)"
     )
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
@@ -338,16 +338,16 @@ def test_shared_protocol_modules_do_not_import_paho() -> None:
 
 def test_names_with_a_trailing_newline_are_refused_everywhere() -> None:
     """``re.match`` with ``$`` accepts ``"name\\n"``; every identifier check full-matches."""
-    from edgefleet import manifest, messages
+    from edgefleet import manifest, wire
     from edgefleet.errors import MalformedBundleError
     from edgefleet.topics import TopicError, validate_device_id
 
     with pytest.raises(TopicError):
         validate_device_id("dev-1\n")
-    with pytest.raises(messages.MalformedMessageError):
-        messages.ModelRef("fraud\n", 1)
-    with pytest.raises(messages.MalformedMessageError):
-        messages.TelemetryRecord("dev-1\n", 1, 1.0, 2.0)
+    with pytest.raises(wire.MalformedMessageError):
+        wire.ModelRef("fraud\n", 1)
+    with pytest.raises(wire.MalformedMessageError):
+        wire.TelemetryRecord("dev-1\n", 1, 1.0, 2.0)
     with pytest.raises(MalformedBundleError):
         manifest.validate_model_name("fraud\n")
     with pytest.raises(MalformedBundleError):

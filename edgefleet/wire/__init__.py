@@ -7,9 +7,9 @@ bounds the length before parsing and refuses anything the schema does not
 allow with ``MalformedMessageError`` (a ``VerificationError``).
 ``edgefleet.wire.base`` lists the guarantees; docs/protocol.md is normative.
 
-Modules, one per protocol:
+Modules, one per protocol (identifier rules and numeric bounds come from
+``edgefleet.ids``, which the manifest, topics and server schemas share):
 
-- ``ids``: identifier patterns and numeric bounds (used everywhere);
 - ``desired``: the signed desired state and the references it carries;
 - ``chunks``: block requests and the binary chunk frames;
 - ``telemetry``: the telemetry record and its parts;
@@ -18,6 +18,7 @@ Modules, one per protocol:
 This package is pure (no paho, no I/O).
 """
 
+from edgefleet.ids import MAX_UNIX_TS, MAX_VERSION
 from edgefleet.wire.base import MalformedMessageError, WireStruct
 from edgefleet.wire.chunks import (
     CHUNK_MAGIC,
@@ -43,7 +44,6 @@ from edgefleet.wire.desired import (
     ShadowSpec,
     SignedDesiredState,
 )
-from edgefleet.wire.ids import MAX_UNIX_TS, MAX_VERSION
 from edgefleet.wire.status import MAX_SMALL_BYTES, DeviceFactsMessage, StatusMessage
 from edgefleet.wire.telemetry import (
     MAX_LIST,

@@ -1,7 +1,7 @@
 """The schema machinery every wire message shares (msgspec), and its guarantees.
 
 Flow: a message type is a frozen ``WireStruct`` whose fields carry their
-bounds as ``Annotated[..., Meta(...)]`` (from ``edgefleet.wire.ids``). A
+bounds as ``Annotated[..., Meta(...)]`` (from ``edgefleet.ids``). A
 receiver calls ``decode(data, Type, what, max_bytes)`` (or ``convert`` for an
 object already parsed, as signed documents are); a sender calls ``encode``.
 

@@ -23,9 +23,9 @@ from typing import Annotated, Any, Literal
 from msgspec import Meta
 
 from edgefleet import canonical
+from edgefleet.ids import BundleId
 from edgefleet.wire.base import WireStruct, convert, decode_canonical, fail, trusted, wire_default
 from edgefleet.wire.desired import MAX_BUNDLE_BYTES
-from edgefleet.wire.ids import BundleId
 
 __all__ = [
     "CHUNK_MAGIC",

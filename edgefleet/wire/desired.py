@@ -24,11 +24,11 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from msgspec import Meta
 
 from edgefleet import canonical
+from edgefleet.ids import BundleId, DeviceName, Hex64, ModelName, Version
 from edgefleet.keys import SigningKey
 from edgefleet.timeutil import format_utc, parse_utc
 from edgefleet.topics import DeviceTopic, GroupTopic
 from edgefleet.wire.base import WireStruct, convert, fail, wire_default
-from edgefleet.wire.ids import BundleId, DeviceName, Hex64, ModelName, Version
 
 if TYPE_CHECKING:  # edgefleet.trust imports this module to verify; signing needs its type
     from edgefleet.trust.root import Signature

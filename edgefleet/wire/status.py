@@ -15,10 +15,10 @@ from typing import Annotated, Literal
 from msgspec import Meta
 
 from edgefleet import canonical
+from edgefleet.ids import Count, DeviceName, UnixTs, Version
 from edgefleet.manifest import DeviceFacts
 from edgefleet.wire.base import WireStruct, decode_canonical, wire_default
 from edgefleet.wire.desired import ModelRef
-from edgefleet.wire.ids import Count, DeviceName, UnixTs, Version
 from edgefleet.wire.telemetry import UpdateEvent
 
 __all__ = ["MAX_SMALL_BYTES", "DeviceFactsMessage", "StatusMessage"]

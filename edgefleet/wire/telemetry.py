@@ -21,16 +21,7 @@ from typing import Annotated, Literal
 
 from msgspec import Meta
 
-from edgefleet.wire.base import (
-    WireStruct,
-    decode,
-    encode,
-    fail,
-    wire_default,
-    wire_default_factory,
-)
-from edgefleet.wire.desired import ModelRef
-from edgefleet.wire.ids import (
+from edgefleet.ids import (
     Count,
     DeviceName,
     Finite,
@@ -40,6 +31,15 @@ from edgefleet.wire.ids import (
     UnixTs,
     Version,
 )
+from edgefleet.wire.base import (
+    WireStruct,
+    decode,
+    encode,
+    fail,
+    wire_default,
+    wire_default_factory,
+)
+from edgefleet.wire.desired import ModelRef
 
 __all__ = [
     "MAX_LIST",

@@ -46,9 +46,10 @@ from server.db import make_engine, session_factory, upgrade_schema
 from server.errors import ServerError
 from server.services import broker
 from server.services import tokens as token_service
-from server.services.jobs import Worker
 from server.settings import ConfigError, Settings, check_production
 from server.trustcache import TrustRootCache
+from server.workers.jobs import JobWorker
+from server.workers.retention import retention_loop
 
 __all__ = ["API_PREFIX", "create_app"]
 
@@ -85,7 +86,9 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        worker = Worker(factory, settings) if settings.worker_enabled else None
+        worker = JobWorker(factory, settings) if settings.worker_enabled else None
+        # Retention runs once per deployment: every worker replica competes for its lease.
+        retention = retention_loop(factory, settings, worker.owner) if worker else None
         mqtt = None
         if settings.mqtt_enabled and settings.mqtt_url:
             from server.mqtt.service import MqttService
@@ -94,6 +97,8 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> FastAPI:
         app.state.mqtt = mqtt
         if worker is not None:
             worker.start()
+        if retention is not None:
+            retention.start()
         if mqtt is not None:
             mqtt.start()
         try:
@@ -101,6 +106,8 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> FastAPI:
         finally:
             if mqtt is not None:
                 mqtt.stop()
+            if retention is not None:
+                retention.stop()
             if worker is not None:
                 worker.stop()
 

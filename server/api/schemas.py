@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from edgefleet.ids import HEX64_PATTERN, ID_PATTERN, MAX_VERSION, MODEL_NAME_PATTERN
 from edgefleet.topics import NAME_PATTERN
 
 NAME = Field(pattern=NAME_PATTERN, min_length=1, max_length=64)
@@ -121,7 +122,7 @@ class ModelList(BaseModel):
 class SignatureCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    keyid: str = Field(pattern=r"^[0-9a-f]{64}$", description="release key id (hex sha256)")
+    keyid: str = Field(pattern=HEX64_PATTERN, description="release key id (hex sha256)")
     sig: str = Field(
         min_length=1, max_length=128, description="base64 Ed25519 signature over the manifest"
     )
@@ -254,8 +255,8 @@ class TelemetryList(BaseModel):
 class ModelVersionRef(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$", description="model name")
-    version: int = Field(ge=1, le=2**53 - 1)
+    model: str = Field(pattern=MODEL_NAME_PATTERN, description="model name")
+    version: int = Field(ge=1, le=MAX_VERSION)
 
 
 class DesiredTargetBody(BaseModel):
@@ -270,12 +271,10 @@ class DesiredSet(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$", description="model name")
-    version: int = Field(ge=1, le=2**53 - 1, description="a published version")
+    model: str = Field(pattern=MODEL_NAME_PATTERN, description="model name")
+    version: int = Field(ge=1, le=MAX_VERSION, description="a published version")
     shadow: ModelVersionRef | None = Field(None, description="candidate run beside it")
-    rollout_id: str | None = Field(
-        None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$", description="a label for your books"
-    )
+    rollout_id: str | None = Field(None, pattern=ID_PATTERN, description="a label for your books")
     expires_days: int | None = Field(
         None, ge=1, le=365, description="signed lifetime (re-signed before it ends)"
     )
@@ -353,6 +352,8 @@ class AuditVerification(BaseModel):
     problems: list[AuditProblemPublic]
 
 
-class Health(BaseModel):
+class Liveness(BaseModel):
+    """``GET /healthz``: the replica is up (not the model health check, not device vitals)."""
+
     status: Literal["ok"]
     schema_revision: str

@@ -38,14 +38,14 @@ from sqlalchemy.orm import Session
 
 from edgefleet.chunks import ChunkResponder, FileBlockSource, block_count
 from edgefleet.errors import VerificationError
-from edgefleet.messages import (
+from edgefleet.topics import DeviceChannel, DeviceTopic, TopicError, parse_device_topic
+from edgefleet.wire import (
     MAX_BLOCK_SIZE,
     MIN_BLOCK_SIZE,
     ChunkData,
-    ChunkError,
+    ChunkRefusal,
     ChunkRequest,
 )
-from edgefleet.topics import DeviceChannel, DeviceTopic, TopicError, parse_device_topic
 from server import metrics
 from server.errors import NotFoundError
 from server.mqtt.connection import Delivery, MqttError
@@ -169,23 +169,23 @@ class ChunkServer:
 
     # ----------------------------------------------------------------- accept
 
-    def _send(self, device: str, frame: ChunkData | ChunkError) -> None:
+    def _send(self, device: str, frame: ChunkData | ChunkRefusal) -> None:
         self._publish(str(DeviceTopic.chunk_data(device)), frame.to_bytes())
 
     def _accept(self, device: str, request: ChunkRequest) -> None:
         if not MIN_BLOCK_SIZE <= request.block_size <= MAX_BLOCK_SIZE:
             metrics.CHUNK_REQUESTS.labels("bad-request").inc()
-            self._send(device, ChunkError(request.bundle_id, "bad-request", request.token))
+            self._send(device, ChunkRefusal(request.bundle_id, "bad-request", request.token))
             return
         if not self._is_allowed(device, request.bundle_id):
             metrics.CHUNK_REQUESTS.labels("denied").inc()
             log.info("chunks: %s asked for %s, which it is not assigned", device, request.bundle_id)
-            self._send(device, ChunkError(request.bundle_id, "unknown-bundle", request.token))
+            self._send(device, ChunkRefusal(request.bundle_id, "unknown-bundle", request.token))
             return
         source = self._source(request.bundle_id)
         if source is None:
             metrics.CHUNK_REQUESTS.labels("unknown-bundle").inc()
-            self._send(device, ChunkError(request.bundle_id, "unknown-bundle", request.token))
+            self._send(device, ChunkRefusal(request.bundle_id, "unknown-bundle", request.token))
             return
         metrics.CHUNK_REQUESTS.labels("served").inc()
         stream = self._streams.get(device)

@@ -53,8 +53,8 @@ from sqlalchemy.exc import DataError, IntegrityError, InterfaceError, Operationa
 from sqlalchemy.orm import Session
 
 from edgefleet.errors import VerificationError
-from edgefleet.messages import DeviceFactsMessage, StatusMessage, TelemetryRecord
 from edgefleet.topics import DeviceChannel, DeviceTopic, TopicError, parse_device_topic
+from edgefleet.wire import DeviceFactsMessage, StatusMessage, TelemetryRecord
 from server import metrics
 from server.mqtt.connection import Delivery
 from server.services import fleet, telemetry

@@ -38,9 +38,7 @@ caveat that makes ``exclusive`` the safe default).
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable
-from datetime import timedelta
 from typing import Any
 
 from sqlalchemy.orm import Session
@@ -50,14 +48,12 @@ from server import metrics
 from server.mqtt.chunks import ChunkServer
 from server.mqtt.connection import BrokerConnection, ConnectionOptions, Delivery
 from server.mqtt.ingest import Ingester
-from server.mqtt.publisher import DesiredPublisher
 from server.settings import Settings
+from server.workers.desired import DesiredPublisher
 
 __all__ = ["MqttService", "connection_options", "subscriptions"]
 
 log = logging.getLogger("edgefleet.server.mqtt")
-
-RETENTION_EVERY_S = 3600.0  # seconds between telemetry retention passes (standalone mode)
 
 
 def connection_options(settings: Settings, **overrides: Any) -> ConnectionOptions:
@@ -103,8 +99,6 @@ class MqttService:
         self,
         session_factory: Callable[[], Session],
         settings: Settings,
-        *,
-        retention: bool = False,
         **connection_overrides: Any,
     ) -> None:
         """Build the parts (nothing connects until ``start``).
@@ -112,8 +106,6 @@ class MqttService:
         Args:
             session_factory: sessions on the replica's database.
             settings: the replica's settings (``mqtt_url`` must be set).
-            retention: also delete old telemetry hourly (for ``server mqtt``;
-                ``server run``'s job worker does it otherwise).
             **connection_overrides: ``ConnectionOptions`` fields (tests).
 
         Raises:
@@ -145,9 +137,6 @@ class MqttService:
         self.publisher = DesiredPublisher(session_factory, settings, self.connection)
         for topic_filter, qos in subscriptions(settings):
             self.connection.subscribe(topic_filter, qos)
-        self._retention = retention
-        self._stop = threading.Event()
-        self._retention_thread: threading.Thread | None = None
 
     def _on_connect(self, session_present: bool) -> None:
         metrics.MQTT_CONNECTED.set(1)
@@ -174,12 +163,6 @@ class MqttService:
         self.chunks.start()
         self.publisher.start()
         self.connection.start()
-        if self._retention and self._retention_thread is None:
-            self._stop.clear()
-            self._retention_thread = threading.Thread(
-                target=self._retention_loop, name="edgefleet-retention", daemon=True
-            )
-            self._retention_thread.start()
         log.info(
             "mqtt service started: client id %s, telemetry subscription %s",
             self.connection.options.client_id,
@@ -188,35 +171,15 @@ class MqttService:
 
     def stop(self) -> None:
         """Store and acknowledge the batch in hand, then disconnect (the session stays)."""
-        self._stop.set()
         self.publisher.stop()
         self.chunks.stop()
         self.ingester.stop()
         self.connection.stop()
         metrics.MQTT_CONNECTED.set(0)
-        if self._retention_thread is not None:
-            self._retention_thread.join(5)
-            self._retention_thread = None
 
     def poke(self) -> None:
         """Publish newly stored desired states now."""
         self.publisher.poke()
-
-    def _retention_loop(self) -> None:
-        from server.services import telemetry
-
-        while not self._stop.is_set():
-            try:
-                with self._sessions() as session:
-                    deleted = telemetry.apply_retention(
-                        session, timedelta(days=self.settings.telemetry_retention_days)
-                    )
-                    session.commit()
-                if deleted:
-                    log.info("retention removed %d telemetry records", deleted)
-            except Exception:
-                log.exception("retention pass failed")
-            self._stop.wait(RETENTION_EVERY_S)
 
     def status(self) -> dict[str, Any]:
         """A summary for health checks and logs."""

@@ -8,7 +8,7 @@ allocates the target's next ``version``, builds the protocol's
 key(s), checks the signatures against the trust root's director role, and
 stores the exact wire bytes in ``desired_states`` with ``published_at`` unset,
 in the same transaction as the audit entry. The MQTT publisher
-(``server.mqtt.publisher``) publishes the newest row of every target
+(``server.workers.desired``) publishes the newest row of every target
 retained, marks it published, re-publishes everything on every broker
 connect (so a wiped broker gets every retained state back), and calls
 ``reissue_due`` so that no state expires under a device: a state close to its
@@ -34,7 +34,6 @@ Invariants:
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -45,10 +44,11 @@ from sqlalchemy.orm import Session
 
 from edgefleet import canonical
 from edgefleet.errors import VerificationError
+from edgefleet.ids import ID_PATTERN, ID_RE
 from edgefleet.keys import KeyFileError, SigningKey, load_signing_key
 from edgefleet.manifest import Manifest
-from edgefleet.messages import BundleRef, DesiredState, DesiredTarget, ModelRef, ShadowSpec
 from edgefleet.topics import TopicError, validate_device_id, validate_group
+from edgefleet.wire import BundleRef, DesiredState, DesiredTarget, ModelRef, ShadowSpec
 from server.db import transaction_lock
 from server.errors import ConflictError, InvalidInputError, NotFoundError, UnavailableError
 from server.models import DesiredStateRow, Device, DeviceGroup, ModelVersion
@@ -72,7 +72,7 @@ __all__ = [
 ]
 
 LOCK_DESIRED = 0x6566_0004  # PostgreSQL advisory lock key (see server.db)
-ROLLOUT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+ROLLOUT_PATTERN = ID_PATTERN
 
 
 @dataclass(frozen=True)
@@ -364,7 +364,7 @@ def assign(
             meet the director threshold.
     """
     now = now or _now()
-    if rollout_id is not None and not re.fullmatch(ROLLOUT_PATTERN, rollout_id):
+    if rollout_id is not None and not ID_RE.match(rollout_id):
         raise InvalidInputError("rollout_id must be 1-128 ASCII letters, digits, '.', '_' or '-'")
     days = expires_days if expires_days is not None else settings.desired_expires_days
     if not 1 <= days <= 365:

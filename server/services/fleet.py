@@ -25,8 +25,8 @@ from datetime import datetime, timezone
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from edgefleet.messages import DeviceFactsMessage, StatusMessage
 from edgefleet.topics import TopicError, validate_device_id, validate_group
+from edgefleet.wire import DeviceFactsMessage, StatusMessage
 from server import metrics
 from server.errors import ConflictError, InvalidInputError, NotFoundError, UnavailableError
 from server.models import Device, DeviceGroup, DeviceTag

@@ -1,16 +1,19 @@
-"""Build jobs: persisted queue, leases, and the worker thread of each replica.
+"""Build jobs: the persisted queue, claims under a lease, and running one job.
 
 Flow: ``registry.submit_version`` inserts a ``queued`` job. Every replica's
-``Worker`` loops: requeue jobs whose lease expired (their replica died),
-claim the oldest queued job with a compare-and-set ``UPDATE ... WHERE
-status='queued'``, run it while a heartbeat thread extends the lease, and
-record the outcome. ``get_job``/``list_jobs`` expose stage and progress.
+job worker (``server.workers.jobs.JobWorker``) loops: requeue jobs whose
+lease expired (their replica died), claim the oldest queued job with a
+compare-and-set ``UPDATE ... WHERE status='queued'`` plus the job's lease
+(``job:<id>`` in ``server.workers.lease``: a new epoch), run it while a
+heartbeat thread renews the lease, and record the outcome fenced by the
+epoch. ``get_job``/``list_jobs`` expose stage and progress.
 ``run_pending`` runs everything queued, in the calling thread (the CLI and
 tests use it).
 
 Invariants: a job is run by at most one replica at a time (the claim is an
 atomic conditional update; a lease that runs out without heartbeats is the
-only way another replica may take it over). A job is retried at most
+only way another replica may take it over, and the old holder's later writes
+are fenced off by the lease epoch). A job is retried at most
 ``job_max_attempts`` times, then fails with a message saying so. A job that
 ends in failure leaves its version ``failed`` with the same message, so a
 re-upload of that version number is allowed.
@@ -30,14 +33,17 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from server.errors import NotFoundError, ServerError
-from server.models import Job, ModelVersion
-from server.services import registry, telemetry
+from server.models import Job, Lease, ModelVersion
+from server.services import registry
 from server.settings import Settings
+from server.workers import lease
+from server.workers.lease import HeldLease
 
 __all__ = [
-    "Worker",
+    "claim",
     "claim_next",
     "get_job",
+    "job_lease",
     "list_jobs",
     "requeue_expired",
     "run_job",
@@ -72,17 +78,30 @@ def list_jobs(session: Session, *, status: str | None = None, limit: int = 100) 
     return list(session.scalars(q.order_by(Job.created_at.desc()).limit(limit)).all())
 
 
+def job_lease(job_id: str) -> str:
+    """The lease name of a job (``server.workers.lease``)."""
+    return f"job:{job_id}"
+
+
 def requeue_expired(session: Session, settings: Settings, *, now: datetime | None = None) -> int:
-    """Return jobs whose replica stopped heartbeating to the queue (or fail them).
+    """Return jobs whose replica stopped renewing their lease to the queue (or fail them).
+
+    The expired lease is also cleared, so the old holder, should it wake up,
+    fails its next renewal or fenced write (``LeaseLostError``) and stops.
 
     Returns:
         How many jobs were requeued or failed. The caller commits.
     """
     now = now or _now()
-    stale = session.scalars(
-        select(Job).where(Job.status == "running", Job.lease_expires < now).with_for_update()
-    ).all()
-    for job in stale:
+    running = session.scalars(select(Job).where(Job.status == "running").with_for_update()).all()
+    stale: list[tuple[Job, str | None]] = []
+    for job in running:
+        lease = session.get(Lease, job_lease(job.id))
+        if lease is None or lease.expires_at is None or lease.expires_at <= now:
+            stale.append((job, None if lease is None else lease.holder))
+            if lease is not None:
+                lease.holder, lease.expires_at = None, None
+    for job, holder in stale:
         if job.attempts >= settings.job_max_attempts:
             _finish(
                 session,
@@ -90,24 +109,30 @@ def requeue_expired(session: Session, settings: Settings, *, now: datetime | Non
                 ok=False,
                 error=(
                     f"gave up after {job.attempts} attempts: the replica running it stopped "
-                    f"(last: {job.lease_owner})"
+                    f"(last: {holder})"
                 ),
                 now=now,
             )
         else:
-            job.status, job.stage, job.lease_owner, job.lease_expires = (
-                "queued",
-                "queued",
-                None,
-                None,
-            )
+            job.status, job.stage = "queued", "queued"
             job.message = f"requeued: replica stopped during attempt {job.attempts}"
             job.updated_at = now
     return len(stale)
 
 
 def claim_next(session: Session, settings: Settings, owner: str) -> str | None:
-    """Claim the oldest queued job for ``owner``; commit; return its id (or None)."""
+    """Claim the oldest queued job for ``owner``; commit; return its id (or None).
+
+    The claim is a compare-and-set on the job's status plus the job's lease
+    (a new epoch), in one transaction.
+    """
+    held = claim(session, settings, owner)
+    return None if held is None else held[0]
+
+
+def claim(session: Session, settings: Settings, owner: str) -> tuple[str, HeldLease] | None:
+    """``claim_next`` that also returns the held lease (its epoch fences the job's writes)."""
+    ttl = timedelta(seconds=settings.job_lease_seconds)
     for _ in range(5):
         job_id = session.scalar(
             select(Job.id).where(Job.status == "queued").order_by(Job.created_at).limit(1)
@@ -122,16 +147,20 @@ def claim_next(session: Session, settings: Settings, owner: str) -> str | None:
             .values(
                 status="running",
                 stage="starting",
-                lease_owner=owner,
-                lease_expires=now + timedelta(seconds=settings.job_lease_seconds),
                 attempts=Job.attempts + 1,
                 updated_at=now,
                 message=f"claimed by {owner}",
             )
         )
+        if result.rowcount != 1:  # type: ignore[attr-defined]
+            session.rollback()
+            continue
+        held = lease.acquire(session, job_lease(job_id), owner, ttl, now=now)
+        if held is None:  # a stale holder's lease is still live: leave the job queued
+            session.rollback()
+            return None
         session.commit()
-        if result.rowcount == 1:  # type: ignore[attr-defined]
-            return job_id
+        return job_id, held
     return None
 
 
@@ -150,7 +179,6 @@ def _finish(
     job.progress = 1.0 if ok else job.progress
     job.error = error
     job.message = status_text or (error or "")
-    job.lease_owner, job.lease_expires = None, None
     job.finished_at = job.updated_at = now
     if not ok and job.version_id is not None:
         version = session.get(ModelVersion, job.version_id)
@@ -162,49 +190,69 @@ def _finish(
 def _heartbeat(
     session_factory: Callable[[], Session],
     settings: Settings,
-    job_id: str,
-    owner: str,
+    held: HeldLease,
     stop: threading.Event,
 ) -> None:
     interval = max(1.0, settings.job_lease_seconds / 3)
+    ttl = timedelta(seconds=settings.job_lease_seconds)
     while not stop.wait(interval):
         try:
             with session_factory() as s, s.begin():
-                s.execute(
-                    update(Job)
-                    .where(Job.id == job_id, Job.lease_owner == owner)
-                    .values(lease_expires=_now() + timedelta(seconds=settings.job_lease_seconds))
-                )
+                held = lease.renew(s, held, ttl, now=_now())
+        except lease.LeaseLostError:
+            log.warning("job lease %s was taken over; its writes are fenced off", held.name)
+            return
         except Exception:  # a missed heartbeat only shortens the lease
-            log.exception("heartbeat for job %s failed", job_id)
+            log.exception("heartbeat for %s failed", held.name)
 
 
 def run_job(
-    session_factory: Callable[[], Session], settings: Settings, job_id: str, owner: str
+    session_factory: Callable[[], Session],
+    settings: Settings,
+    job_id: str,
+    owner: str,
+    held: HeldLease | None = None,
 ) -> str:
     """Run a job this replica has claimed; record success or failure.
 
+    Every write about the job (progress, outcome) is fenced by the claim's
+    lease epoch: once another replica took the job over, this one's progress
+    calls raise ``LeaseLostError`` (which ends the build) and its outcome is
+    not recorded.
+
     Returns:
-        The job's final status.
+        The job's final status, or ``"lost"`` when the lease was taken over.
     """
+    if held is None:
+        with session_factory() as s:
+            row = s.get(Lease, job_lease(job_id))
+            if row is None or row.holder != owner:
+                raise lease.LeaseLostError(f"job {job_id} is not held by {owner}")
+            assert row.expires_at is not None
+            held = HeldLease(row.name, owner, int(row.epoch), row.expires_at)
+    fenced = held
 
     def progress(stage: str, fraction: float, message: str) -> None:
         with session_factory() as s, s.begin():
+            lease.fence(s, fenced)
             s.execute(
                 update(Job)
-                .where(Job.id == job_id, Job.lease_owner == owner)
+                .where(Job.id == job_id)
                 .values(stage=stage, progress=fraction, message=message, updated_at=_now())
             )
 
     stop = threading.Event()
     beat = threading.Thread(
-        target=_heartbeat, args=(session_factory, settings, job_id, owner, stop), daemon=True
+        target=_heartbeat, args=(session_factory, settings, held, stop), daemon=True
     )
     beat.start()
     error: str | None = None
     outcome = ""
     try:
         outcome = registry.run_build(session_factory, settings, job_id, progress)
+    except lease.LeaseLostError:
+        log.warning("job %s was taken over by another replica; stopping", job_id)
+        return "lost"
     except (registry.BuildError, ServerError) as exc:
         error = str(exc)
     except Exception as exc:  # a bug must fail the job visibly, not kill the worker
@@ -213,18 +261,24 @@ def run_job(
     finally:
         stop.set()
         beat.join()
-    with session_factory() as s, s.begin():
-        job = s.get(Job, job_id)
-        if job is None:
-            return "failed"
-        if error is None:
-            _finish(s, job, ok=True, status_text=f"version {outcome}")
-        else:
-            _finish(s, job, ok=False, error=error)
-            from server.services import audit
+    try:
+        with session_factory() as s, s.begin():
+            lease.fence(s, held)
+            job = s.get(Job, job_id)
+            if job is None:
+                return "failed"
+            if error is None:
+                _finish(s, job, ok=True, status_text=f"version {outcome}")
+            else:
+                _finish(s, job, ok=False, error=error)
+                from server.services import audit
 
-            audit.record(s, "server:build", "job.fail", f"job/{job_id}", {"error": error[:500]})
-        return job.status
+                audit.record(s, "server:build", "job.fail", f"job/{job_id}", {"error": error[:500]})
+            lease.release(s, held)
+            return job.status
+    except lease.LeaseLostError:
+        log.warning("job %s was taken over by another replica; outcome not recorded", job_id)
+        return "lost"
 
 
 def run_pending(
@@ -237,51 +291,9 @@ def run_pending(
         with session_factory() as s:
             requeue_expired(s, settings)
             s.commit()
-            job_id = claim_next(s, settings, owner)
-        if job_id is None:
+            claimed = claim(s, settings, owner)
+        if claimed is None:
             return ran
-        run_job(session_factory, settings, job_id, owner)
+        job_id, held = claimed
+        run_job(session_factory, settings, job_id, owner, held)
         ran += 1
-
-
-class Worker:
-    """A daemon thread running queued jobs and telemetry retention for one replica."""
-
-    RETENTION_EVERY = timedelta(hours=1)
-
-    def __init__(self, session_factory: Callable[[], Session], settings: Settings) -> None:
-        self.session_factory = session_factory
-        self.settings = settings
-        self.owner = replica_id()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="edgefleet-worker", daemon=True)
-        self._last_retention: datetime | None = None
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """Ask the loop to stop and wait for it (a running job finishes first)."""
-        self._stop.set()
-        self._thread.join(timeout)
-
-    def _retention(self) -> None:
-        now = _now()
-        if self._last_retention and now - self._last_retention < self.RETENTION_EVERY:
-            return
-        self._last_retention = now
-        with self.session_factory() as s, s.begin():
-            deleted = telemetry.apply_retention(
-                s, timedelta(days=self.settings.telemetry_retention_days), now=now
-            )
-        if deleted:
-            log.info("retention removed %d telemetry records", deleted)
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self._retention()
-                run_pending(self.session_factory, self.settings, self.owner)
-            except Exception:
-                log.exception("worker iteration failed; retrying")
-            self._stop.wait(self.settings.worker_poll_seconds)

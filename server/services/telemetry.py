@@ -29,7 +29,7 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
 from edgefleet import canonical
-from edgefleet.messages import TelemetryRecord
+from edgefleet.wire import TelemetryRecord
 from server import metrics
 from server.models import TelemetryRow
 

@@ -10,7 +10,7 @@ import pytest
 
 from agent.core import Agent
 from agent.options import AgentOptions
-from agent.state import UpdateEvent
+from agent.state import UpdateOutcome
 from firmware_sim.models import BundleSet
 
 
@@ -20,13 +20,13 @@ def bundles(tmp_path_factory: pytest.TempPathFactory) -> BundleSet:
 
 
 @pytest.fixture
-def events() -> list[UpdateEvent]:
+def events() -> list[UpdateOutcome]:
     return []
 
 
 @pytest.fixture
 def make_agent(
-    tmp_path: Path, bundles: BundleSet, events: list[UpdateEvent]
+    tmp_path: Path, bundles: BundleSet, events: list[UpdateOutcome]
 ) -> Iterator[Callable[..., Agent]]:
     """``make_agent(pin=True, options={...}, **agent_kw)``: an agent on ``tmp_path/state``."""
     made: list[Agent] = []

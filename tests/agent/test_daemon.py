@@ -20,7 +20,9 @@ from agent.options import AgentOptions
 from edgefleet.build import BuildOptions, build_bundle
 from edgefleet.keys import SigningKey, generate, load_signing_key
 from edgefleet.keystore import KeyStore
-from edgefleet.messages import (
+from edgefleet.timeutil import utcnow
+from edgefleet.topics import DeviceChannel, DeviceTopic, GroupTopic, all_devices
+from edgefleet.wire import (
     BundleRef,
     DesiredState,
     DesiredTarget,
@@ -30,8 +32,6 @@ from edgefleet.messages import (
     StatusMessage,
     TelemetryRecord,
 )
-from edgefleet.timeutil import utcnow
-from edgefleet.topics import DeviceChannel, DeviceTopic, GroupTopic, all_devices
 from examples.tiny_model import make_linear_model
 from tests.mosquitto import Mosquitto, wait_until
 
@@ -347,7 +347,7 @@ def test_daemon_uses_the_rotated_root_and_refuses_a_revoked_director(
 
 def test_core_outcomes_reach_status_and_telemetry(server, device) -> None:
     from agent.state import ErrorInfo
-    from agent.state import UpdateEvent as CoreEvent
+    from agent.state import UpdateOutcome as CoreEvent
 
     dev = device()
     # What the core reports when it recovers from a crash during a trial at start-up.

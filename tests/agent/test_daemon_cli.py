@@ -19,8 +19,8 @@ from agent.options import AgentOptions
 from edgefleet.build import BuildOptions, build_bundle
 from edgefleet.keys import load_signing_key
 from edgefleet.keystore import KeyStore
-from edgefleet.messages import TelemetryRecord
 from edgefleet.topics import DeviceTopic
+from edgefleet.wire import TelemetryRecord
 from examples.tiny_model import make_linear_model
 from tests.mosquitto import Mosquitto, free_port, wait_until
 

@@ -24,8 +24,8 @@ from agent.download import (
 )
 from agent.mqtt import MqttConnection, MqttOptions
 from edgefleet.errors import HashMismatchError, LengthMismatchError, OversizedPayloadError
-from edgefleet.messages import BundleRef, ChunkData, ChunkError, ChunkRequest
 from edgefleet.topics import DeviceTopic
+from edgefleet.wire import BundleRef, ChunkData, ChunkRefusal, ChunkRequest
 from tests.mosquitto import Mosquitto, wait_until
 
 BLOCK = 4096
@@ -295,7 +295,7 @@ def test_download_stale_frames_are_ignored(bundle_file, tmp_path):
     dl = Downloader(tmp_path / "state", ref, Recorder(), DownloadOptions(block_size=BLOCK))
     other = ChunkData("other-1", 0, BLOCK, ref.size, path.read_bytes()[:BLOCK]).to_bytes()
     assert not dl.deliver(other)
-    assert not dl.deliver(ChunkError("other-1", "unknown-bundle").to_bytes())
+    assert not dl.deliver(ChunkRefusal("other-1", "unknown-bundle").to_bytes())
     assert dl.stats.stale_frames == 2
 
 

@@ -10,18 +10,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import agent.telemetry as telemetry_module
+import agent.telemetry.recorder as telemetry_module
+import agent.telemetry.spool as spool_module
 from agent.mqtt import MqttConnection, MqttOptions
 from agent.telemetry import (
-    HealthProbe,
     Spool,
     TelemetryOptions,
     TelemetryPublisher,
     TelemetryRecorder,
+    VitalsProbe,
     bin_matrix,
 )
-from edgefleet.messages import ModelRef, TelemetryRecord
 from edgefleet.topics import DeviceChannel, DeviceTopic, all_devices, mosquitto_acl
+from edgefleet.wire import ModelRef, TelemetryRecord
 from tests.mosquitto import Mosquitto, wait_until
 
 DEVICE = "pi-1"
@@ -213,7 +214,7 @@ def test_health_probe_reads_what_linux_exposes(tmp_path) -> None:
     zone = tmp_path / "thermal_zone0"
     zone.mkdir()
     (zone / "temp").write_text("48250\n")
-    probe = HealthProbe(tmp_path, thermal_glob=str(tmp_path / "thermal_zone*" / "temp"))
+    probe = VitalsProbe(tmp_path, thermal_glob=str(tmp_path / "thermal_zone*" / "temp"))
     sum(range(200_000))
     health = probe.snapshot()
     assert health.temperature_c == 48.25
@@ -264,7 +265,7 @@ class FullDisk:
             self.failures += 1
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
         self.budget -= len(data)
-        telemetry_module._atomic_write(path, data)
+        spool_module._atomic_write(path, data)
 
 
 def test_spool_enospc_does_not_crash_and_is_reported(tmp_path) -> None:

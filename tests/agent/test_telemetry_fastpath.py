@@ -19,19 +19,19 @@ from typing import Any
 import numpy as np
 import pytest
 
-import agent.telemetry as telemetry_module
-from agent.telemetry import HealthProbe, TelemetryRecorder, bin_matrix
-from edgefleet.messages import Health, ModelRef, TelemetryRecord
+import agent.telemetry.recorder as telemetry_module
+from agent.telemetry import TelemetryRecorder, VitalsProbe, bin_matrix
+from edgefleet.wire import ModelRef, TelemetryRecord, Vitals
 
 EDGES = [float(e) for e in np.linspace(-2, 2, 9)]
 
 
-class FixedHealth(HealthProbe):
+class FixedVitals(VitalsProbe):
     def __init__(self) -> None:
         pass
 
-    def snapshot(self) -> Health:
-        return Health()
+    def snapshot(self) -> Vitals:
+        return Vitals()
 
 
 def reference(width: int = 4) -> dict[str, Any]:
@@ -64,7 +64,7 @@ def make_recorder(
         options,
         model=ModelRef("tiny", 1),
         drift_reference=ref,
-        health=FixedHealth(),
+        vitals=FixedVitals(),
         clock=lambda: float(next(clock)),
         rng=random.Random(7),
     )

@@ -50,10 +50,24 @@ def test_every_export_resolves():
 
 
 def test_errors_share_one_root():
+    """Every exported error is an ``EdgefleetError``; the package's own are ``CompressionError``s.
+
+    ``ConfigError`` and ``ModelLoadError`` are the project's one class of each
+    (``edgefleet.errors``), re-exported; the model-loading errors compression
+    raises are both a ``ModelLoadError`` and a ``CompressionError``.
+    """
+    from edgefleet import errors as shared
+
     for name in EXPECTED:
         obj = getattr(compression, name)
         if isinstance(obj, type) and name.endswith("Error"):
-            assert issubclass(obj, compression.CompressionError)
+            assert issubclass(obj, shared.EdgefleetError), name
+            if name in ("ConfigError", "ModelLoadError"):
+                assert obj is getattr(shared, name)
+            else:
+                assert issubclass(obj, compression.CompressionError), name
+    for name in ("NotAModelError", "ExportError", "UnsupportedOperatorError"):
+        assert issubclass(getattr(compression, name), compression.ModelLoadError)
 
 
 def test_package_import_is_light():

@@ -14,7 +14,7 @@ import pytest
 from agent.options import AgentOptions
 from edgefleet.chunks import Bitmap, block_count
 from edgefleet.errors import HashMismatchError
-from edgefleet.messages import BundleRef
+from edgefleet.wire import BundleRef
 from firmware_sim.campaign import check_device
 from firmware_sim.device import SimDevice
 from firmware_sim.disk import PowerCut

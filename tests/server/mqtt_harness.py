@@ -19,7 +19,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from sqlalchemy import Engine, func, select
 
-from edgefleet.messages import ModelRef, TelemetryRecord
+from edgefleet.wire import ModelRef, TelemetryRecord
 from server.models import TelemetryRow
 from server.mqtt.service import MqttService
 from server.settings import Settings

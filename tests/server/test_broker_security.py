@@ -27,16 +27,16 @@ from agent.core import Agent
 from agent.daemon import Daemon
 from edgefleet.chunks import Bitmap, plan_request
 from edgefleet.keys import generate, load_signing_key
-from edgefleet.messages import (
+from edgefleet.timeutil import utcnow
+from edgefleet.topics import DeviceTopic, GroupTopic
+from edgefleet.wire import (
     BundleRef,
-    ChunkError,
+    ChunkRefusal,
     DesiredState,
     DesiredTarget,
     ModelRef,
     parse_chunk_frame,
 )
-from edgefleet.timeutil import utcnow
-from edgefleet.topics import DeviceTopic, GroupTopic
 from server.db import make_engine, upgrade_schema
 from server.services import desired
 from tests.mosquitto import wait_until
@@ -193,7 +193,7 @@ def test_device_cannot_fetch_a_bundle_assigned_to_another_device(fleet: dict[str
         parse_chunk_frame(p, max_block_size=1024)
         for p in attacker.received(str(DeviceTopic.chunk_data("dev-a")))
     ]
-    assert all(isinstance(f, ChunkError) and f.reason == "unknown-bundle" for f in frames), frames
+    assert all(isinstance(f, ChunkRefusal) and f.reason == "unknown-bundle" for f in frames), frames
     assert svc.chunks.stats.blocks_sent == 0
     attacker.close()
 

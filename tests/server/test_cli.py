@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import update
 
 from edgefleet.cli import main
-from edgefleet.messages import ModelRef, TelemetryRecord
+from edgefleet.wire import ModelRef, TelemetryRecord
 from server.models import AuditEntry
 from server.services import telemetry
 from tests.mosquitto import free_port
@@ -250,7 +250,7 @@ def test_server_init_creates_admin_token(tmp_path: Path, keys: Keys, capsys) -> 
     )
     assert main(["server", "init", "--config", str(config), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["token"].startswith("eft_") and out["schema_revision"] == "0002"
+    assert out["token"].startswith("eft_") and out["schema_revision"] == "0003"
     from server.api.app import create_app
     from server.settings import load_settings
 

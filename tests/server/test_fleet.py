@@ -11,8 +11,8 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 
-from edgefleet.messages import DeviceFactsMessage, ModelRef, StatusMessage, UpdateEvent
 from edgefleet.topics import DeviceTopic, GroupTopic
+from edgefleet.wire import DeviceFactsMessage, ModelRef, StatusMessage, UpdateEvent
 from server import metrics
 from server.services import broker, fleet
 from tests.mosquitto import wait_until

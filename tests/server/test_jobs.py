@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from sqlalchemy import update
 
-from server.models import Job
+from server.models import Job, Lease
 from server.services import jobs
 from tests.server.conftest import Api, make_api, npz, onnx_model, run_jobs, upload
 
@@ -39,7 +39,7 @@ def test_job_of_dead_replica_is_requeued_after_lease(api: Api) -> None:
     # the replica died: no heartbeat, the lease runs out
     with api.sessions() as s:
         s.execute(
-            update(Job).values(lease_expires=datetime.now(timezone.utc) - timedelta(seconds=1))
+            update(Lease).values(expires_at=datetime.now(timezone.utc) - timedelta(seconds=1))
         )
         s.commit()
     assert run_jobs(api) == 1
@@ -60,11 +60,9 @@ def test_job_fails_after_max_attempts_and_version_can_be_reuploaded(api: Api) ->
     job_id = upload(api, "m", onnx_model(), version=1).json()["job"]["id"]
     with api.sessions() as s:
         jobs.claim_next(s, api.settings, "r")
+        s.execute(update(Job).values(attempts=api.settings.job_max_attempts))
         s.execute(
-            update(Job).values(
-                attempts=api.settings.job_max_attempts,
-                lease_expires=datetime.now(timezone.utc) - timedelta(seconds=1),
-            )
+            update(Lease).values(expires_at=datetime.now(timezone.utc) - timedelta(seconds=1))
         )
         s.commit()
     run_jobs(api)

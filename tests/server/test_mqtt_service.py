@@ -18,15 +18,15 @@ import pytest
 from msgspec.structs import replace
 
 from edgefleet.chunks import Bitmap, plan_request
-from edgefleet.messages import (
+from edgefleet.topics import DeviceTopic, GroupTopic
+from edgefleet.trust import TrustRoot, verify_desired_state
+from edgefleet.wire import (
     ChunkData,
-    ChunkError,
+    ChunkRefusal,
     DeviceFactsMessage,
     StatusMessage,
     parse_chunk_frame,
 )
-from edgefleet.topics import DeviceTopic, GroupTopic
-from edgefleet.trust import TrustRoot, verify_desired_state
 from server.db import make_engine, session_factory
 from server.models import Device
 from server.mqtt.ingest import Ingester
@@ -176,7 +176,7 @@ def test_ingester_survives_poison_payloads_and_stores_the_rest(
     """Payloads that once escaped the parser or the insert cost only themselves."""
     import json
 
-    from edgefleet.messages import ArraySample, Sample, TelemetryRecord
+    from edgefleet.wire import ArraySample, Sample, TelemetryRecord
     from server.mqtt.connection import Delivery
 
     topic = str(DeviceTopic.telemetry("p1"))
@@ -497,7 +497,7 @@ def test_reissue_before_expiry_bumps_the_version(harness: Harness) -> None:
 # --------------------------------------------------------------- chunk service
 
 
-def _frames(probe: Probe, device: str) -> list[ChunkData | ChunkError]:
+def _frames(probe: Probe, device: str) -> list[ChunkData | ChunkRefusal]:
     return [
         parse_chunk_frame(p, max_block_size=256 << 10)
         for p in probe.received(str(DeviceTopic.chunk_data(device)))
@@ -533,9 +533,9 @@ def test_chunks_served_only_for_assigned_bundles(harness: Harness) -> None:
     other = plan_request("m-2", Bitmap(4), block, token="t2")
     assert other is not None
     dev.publish(str(DeviceTopic.chunk_request("d1")), other.to_bytes())
-    assert wait_until(lambda: isinstance(_frames(dev, "d1")[-1], ChunkError), 5)
+    assert wait_until(lambda: isinstance(_frames(dev, "d1")[-1], ChunkRefusal), 5)
     error = _frames(dev, "d1")[-1]
-    assert isinstance(error, ChunkError) and error.reason == "unknown-bundle"
+    assert isinstance(error, ChunkRefusal) and error.reason == "unknown-bundle"
     assert len(_frames(dev, "d1")) == have.nblocks + 1  # no block of m-2
     assert svc.chunks.stats.blocks_sent == have.nblocks
     dev.close()
@@ -578,7 +578,7 @@ def test_chunk_requests_malformed_ignored_unknown_bundle_refused(harness: Harnes
         )
     dev = Probe(harness.broker.port)
     dev.subscribe(str(DeviceTopic.chunk_data("d1")))
-    from edgefleet.messages import ChunkRequest
+    from edgefleet.wire import ChunkRequest
 
     dev.publish(
         str(DeviceTopic.chunk_request("d1")),
@@ -592,7 +592,7 @@ def test_chunk_requests_malformed_ignored_unknown_bundle_refused(harness: Harnes
     assert wait_until(lambda: len(_frames(dev, "d1")) == 2, 5)
     frames = _frames(dev, "d1")
     data = [f for f in frames if isinstance(f, ChunkData)]
-    errors = [f for f in frames if isinstance(f, ChunkError)]
+    errors = [f for f in frames if isinstance(f, ChunkRefusal)]
     assert [f.block for f in data] == [0] and data[0].bundle_id == "m-1"
     assert [(e.bundle_id, e.reason) for e in errors] == [("nope-9", "unknown-bundle")]
     dev.close()

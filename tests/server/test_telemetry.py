@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from datetime import datetime, timedelta, timezone
 
-from edgefleet.messages import ModelRef, TelemetryRecord
+from edgefleet.wire import ModelRef, TelemetryRecord
 from server import metrics
 from server.services import telemetry
 from tests.server.conftest import Api

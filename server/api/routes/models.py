@@ -9,6 +9,7 @@ from fastapi import APIRouter, File, Form, Path, Request, UploadFile
 from fastapi.responses import FileResponse, Response
 from sqlalchemy import select
 
+from edgefleet.ids import MAX_VERSION, MODEL_NAME_PATTERN
 from server.api import present, schemas
 from server.api.deps import Publisher, Reader, SessionDep, SettingsDep
 from server.errors import InvalidInputError, NotFoundError
@@ -17,9 +18,8 @@ from server.services import registry
 
 router = APIRouter(prefix="/models", tags=["models"])
 
-MODEL_NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"  # = edgefleet.manifest model names
 ModelName = Annotated[str, Path(pattern=MODEL_NAME_PATTERN, description="model name")]
-VersionNo = Annotated[int, Path(ge=1, le=2**53 - 1, description="integer version")]
+VersionNo = Annotated[int, Path(ge=1, le=MAX_VERSION, description="integer version")]
 
 
 def _latest_job(session: SessionDep, version_id: int) -> str | None:
@@ -95,7 +95,7 @@ def submit_version(
         UploadFile | None,
         File(description="drift_reference.json from 'edgefleet compress' (compress=false only)"),
     ] = None,
-    version: Annotated[int | None, Form(ge=1, le=2**53 - 1)] = None,
+    version: Annotated[int | None, Form(ge=1, le=MAX_VERSION)] = None,
     compress: Annotated[bool, Form()] = False,
     signing: Annotated[Literal["online", "offline"], Form()] = "online",
     device_classes: Annotated[str, Form(max_length=4096, description="comma-separated")] = "",

@@ -14,10 +14,10 @@ public_router = APIRouter(tags=["system"])
 open_metrics_router = APIRouter(tags=["system"])
 
 
-@public_router.get("/healthz", response_model=schemas.Health)
-def healthz(request: Request) -> schemas.Health:
+@public_router.get("/healthz", response_model=schemas.Liveness)
+def healthz(request: Request) -> schemas.Liveness:
     """Liveness: the process is up and its schema is at ``schema_revision``."""
-    return schemas.Health(status="ok", schema_revision=request.app.state.schema_revision)
+    return schemas.Liveness(status="ok", schema_revision=request.app.state.schema_revision)
 
 
 def _metrics(session: SessionDep) -> Response:

@@ -7,6 +7,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
+from edgefleet.ids import MAX_VERSION
 from edgefleet.topics import NAME_PATTERN
 from server.api import present, schemas
 from server.api.deps import Reader, SessionDep
@@ -23,7 +24,7 @@ def query_telemetry(
     _: Reader,
     device_id: Annotated[str | None, Query(pattern=NAME_PATTERN, max_length=64)] = None,
     model: Annotated[str | None, Query(pattern=MODEL_NAME_PATTERN, max_length=64)] = None,
-    version: Annotated[int | None, Query(ge=1, le=2**53 - 1)] = None,
+    version: Annotated[int | None, Query(ge=1, le=MAX_VERSION)] = None,
     since: Annotated[datetime | None, Query(description="window_end >= since")] = None,
     until: Annotated[datetime | None, Query(description="window_end < until")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,

@@ -1,74 +1,36 @@
-"""Telemetry: per-prediction observations -> windowed records -> disk spool -> broker.
+"""The telemetry recorder: per-prediction observations -> windowed records in the spool.
 
-Flow:
-
-1. Hot path. ``TelemetryRecorder.observe(inputs, outputs, latency_s,
-   prediction_id)`` is the agent core's observer. It appends one tuple of
-   *references* to a bounded deque and increments a counter: O(1), no lock,
-   no numpy. When the deque is full the oldest observation is dropped and the
-   drop is counted (``dropped_observations``). Callers must not mutate the
-   arrays they passed afterwards.
-2. Aggregation, off the hot path (the recorder's thread every
-   ``aggregate_interval_s``, or ``aggregate()``): drained observations are
-   binned in vectorized batches over the manifest's drift-reference edges
-   (bin = ``searchsorted(edges, v, side="right")``, non-finite values counted
-   apart), latencies kept for quantiles, outputs summarised (moments and argmax
-   class counts), feedback labels joined with the predicted class, and sampled
-   raw inputs encoded (sampling is off by default and capped per window). A
-   batch whose observations all carry arrays of one dtype and trailing shape
-   is stacked with one concatenation per input and output; any other batch is
-   taken observation by observation. Both give byte-identical records.
-3. Window close (every ``window_s``): one ``TelemetryRecord`` with the next
-   per-device ``seq`` is written to the ``Spool`` *first* (one file per record,
-   atomic write + fsync), never straight to the network.
-4. ``TelemetryPublisher.pump()`` publishes spooled records with QoS 1 and
-   deletes a record only when the broker's PUBACK says success (MQTT 5 reason
-   code < 0x80). A permanent refusal (e.g. not authorized) deletes and counts
-   it; any other failure, a disconnect or a missing PUBACK leaves it for a
-   later attempt. So a record can arrive twice (receivers dedupe on
-   ``(device_id, seq)``) but is lost only by the documented bounds.
-
-Invariants: ``seq`` strictly increases per device across restarts (the next
-value is persisted before the record is written; if the counter file is lost
-it restarts above both the spooled records and the current Unix time in
-milliseconds); the spool never exceeds ``max_records``/``max_bytes`` (the
-oldest records are evicted and counted, and the count is reported in the next
-record); a full disk (ENOSPC) or another I/O error while spooling is counted
-and reported, never raised: the agent keeps serving.
+See the package docstring (``agent.telemetry``) for the flow: an O(1) hot path,
+vectorized aggregation off it, and one record per window written to the spool.
 """
 
 from __future__ import annotations
 
 import collections
-import contextlib
-import errno
-import functools
 import itertools
 import logging
 import math
 import operator
-import os
 import random
-import re
-import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
-from edgefleet import canonical
-from edgefleet.fsutil import atomic_write_bytes
-from edgefleet.messages import (
+from agent.telemetry.binning import _bin_matrix, _Profile
+from agent.telemetry.options import TelemetryOptions
+from agent.telemetry.spool import Spool
+from agent.telemetry.vitals import VitalsProbe
+from edgefleet.ids import KIND_RE
+from edgefleet.wire import (
     MAX_SAMPLE_BYTES,
     ArraySample,
     ChannelCounts,
     FeatureCounts,
     Feedback,
-    Health,
     LatencySummary,
     MalformedMessageError,
     ModelRef,
@@ -80,468 +42,14 @@ from edgefleet.messages import (
     UpdateEvent,
 )
 
-__all__ = [
-    "HealthProbe",
-    "Spool",
-    "TelemetryOptions",
-    "TelemetryPublisher",
-    "TelemetryRecorder",
-]
+if TYPE_CHECKING:
+    from edgefleet.wire.telemetry import DType
+
+__all__ = ["TelemetryRecorder"]
 
 log = logging.getLogger(__name__)
 
-_RECORD_RE = re.compile(r"^(\d{20})\.rec$")
-_META = "meta.json"
-_KIND_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
-_BROADCAST_LIMIT = 1 << 22  # booleans per vectorized comparison chunk (4 MiB)
-_TILE_BYTES = 1 << 20  # bytes of edges laid out for one block of rows (_bin_sorted), at most
 _RECENT_MAX = 4096  # predictions whose class is remembered for feedback
-
-
-@dataclass(frozen=True)
-class TelemetryOptions:
-    """Telemetry bounds, with units."""
-
-    window_s: float = 60.0  # seconds covered by one record, [0.05, 86400]
-    aggregate_interval_s: float = 1.0  # seconds between buffer drains, [0.01, 60]
-    buffer_max: int = 10_000  # observations held between drains, [16, 10_000_000]
-    latency_reservoir: int = 100_000  # latencies kept per window for quantiles
-    spool_max_records: int = 10_000  # records kept on disk, [1, 1_000_000]
-    spool_max_bytes: int = 64 << 20  # bytes of records kept on disk, [4 KiB, 16 GiB]
-    sample_rate: float = 0.0  # fraction of predictions whose inputs are sampled, [0, 1]
-    samples_per_window: int = 0  # cap on samples per record, [0, 256]
-    feedback_per_window: int = 1024  # labels per record, [0, 4096]
-    events_per_window: int = 256  # update events per record, [1, 256]
-    publish_inflight: int = 8  # spooled records awaiting PUBACK at once, [1, 1000]
-    ack_timeout_s: float = 60.0  # seconds before an unacknowledged record is re-sent
-
-    def __post_init__(self) -> None:
-        checks: dict[str, tuple[float, float]] = {
-            "window_s": (0.05, 86400),
-            "aggregate_interval_s": (0.01, 60),
-            "buffer_max": (16, 10_000_000),
-            "latency_reservoir": (100, 10_000_000),
-            "spool_max_records": (1, 1_000_000),
-            "spool_max_bytes": (4096, 16 << 30),
-            "sample_rate": (0.0, 1.0),
-            "samples_per_window": (0, 256),
-            "feedback_per_window": (0, 4096),
-            "events_per_window": (1, 256),
-            "publish_inflight": (1, 1000),
-            "ack_timeout_s": (0.1, 86400),
-        }
-        for name, (lo, hi) in checks.items():
-            value = getattr(self, name)
-            if not lo <= value <= hi:
-                raise ValueError(f"TelemetryOptions.{name}={value} must be in [{lo}, {hi}]")
-
-
-# ------------------------------------------------------------------------ spool
-
-WriteFile = Callable[[Path, bytes], None]
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    atomic_write_bytes(path, data, mode=0o600)
-
-
-def _failure_kind(exc: OSError) -> str:
-    return "enospc" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "write_errors"
-
-
-class Spool:
-    """Bounded, crash-safe on-disk queue of encoded records, keyed by ``seq``.
-
-    Layout: ``<dir>/<seq as 20 digits>.rec`` (one record each, written
-    atomically) and ``<dir>/meta.json`` (``next_seq`` and the loss counters
-    not yet reported). ``write_file`` is the filesystem seam (tests inject a
-    full disk through it).
-    """
-
-    def __init__(
-        self,
-        directory: Path,
-        *,
-        max_records: int = 10_000,
-        max_bytes: int = 64 << 20,
-        write_file: WriteFile = _atomic_write,
-        clock: Callable[[], float] = time.time,
-    ) -> None:
-        """Open the spool, recovering the next sequence number.
-
-        Raises:
-            OSError: the directory cannot be created or listed.
-        """
-        self.dir = Path(directory)
-        self.max_records = max_records
-        self.max_bytes = max_bytes
-        self._write = write_file
-        self._lock = threading.Lock()
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self._sizes: dict[int, int] = {}
-        for path in self.dir.iterdir():
-            m = _RECORD_RE.fullmatch(path.name)
-            if m:
-                self._sizes[int(m.group(1))] = path.stat().st_size
-            elif path.name.startswith(".") and path.name.endswith(".tmp"):
-                with contextlib.suppress(OSError):
-                    path.unlink()  # a write interrupted by a crash
-        self._bytes = sum(self._sizes.values())
-        self._pending = SpoolCounters()
-        self._next = self._recover_next(clock)
-
-    def _recover_next(self, clock: Callable[[], float]) -> int:
-        floor = max(self._sizes, default=0) + 1
-        try:
-            doc = canonical.decode_strict((self.dir / _META).read_bytes())
-            nxt = int(doc["next_seq"])
-            self._pending = SpoolCounters.from_dict(doc["counters"])
-            return max(nxt, floor)
-        except FileNotFoundError:
-            if self._sizes:
-                log.warning("telemetry spool: meta.json missing; continuing above the clock")
-        except (ValueError, KeyError, TypeError, MalformedMessageError):
-            log.warning("telemetry spool: meta.json unreadable; continuing above the clock")
-        # A fresh (or damaged) spool starts above the wall clock in milliseconds,
-        # so seq keeps increasing even if the counter file was lost.
-        return max(floor, int(clock() * 1000))
-
-    def _meta_bytes(self, next_seq: int, counters: SpoolCounters) -> bytes:
-        return canonical.encode({"next_seq": next_seq, "counters": counters.to_dict()})
-
-    def _path(self, seq: int) -> Path:
-        return self.dir / f"{seq:020d}.rec"
-
-    @property
-    def next_seq(self) -> int:
-        return self._next
-
-    def counters(self) -> SpoolCounters:
-        """Losses not yet reported in a record."""
-        with self._lock:
-            return self._pending
-
-    def append(self, build: Callable[[int, SpoolCounters], bytes]) -> int | None:
-        """Build the next record with the unreported loss counters and spool it.
-
-        ``build(seq, counters)`` returns the encoded record. Room is made by
-        evicting the oldest records (counted as ``dropped``). The next ``seq``
-        and the reset counters are persisted *before* the record file, so a
-        crash can skip a ``seq`` but never reuse one.
-
-        Returns:
-            The record's ``seq``, or ``None`` if it could not be stored (the
-            loss is counted and reported in the next record; nothing raises).
-        """
-        with self._lock:
-            seq, counters = self._next, self._pending
-            data = build(seq, counters)
-            if len(data) > self.max_bytes:
-                self._pending = counters + SpoolCounters(dropped=1)
-                return None
-            evicted = 0
-            while self._sizes and (
-                len(self._sizes) >= self.max_records or self._bytes + len(data) > self.max_bytes
-            ):
-                oldest = min(self._sizes)
-                self._bytes -= self._sizes.pop(oldest)
-                with contextlib.suppress(OSError):
-                    self._path(oldest).unlink()
-                evicted += 1
-            carried = SpoolCounters(dropped=evicted)
-            try:
-                self._write(self.dir / _META, self._meta_bytes(seq + 1, carried))
-            except OSError as exc:
-                kind = _failure_kind(exc)
-                self._pending = counters + carried + SpoolCounters(**{kind: 1})
-                log.warning("telemetry spool: cannot reserve seq %d: %s", seq, exc)
-                return None
-            self._next = seq + 1
-            self._pending = carried
-            try:
-                self._write(self._path(seq), data)
-            except OSError as exc:
-                kind = _failure_kind(exc)
-                # The record carried the counters; it is lost, so they return.
-                self._pending = counters + carried + SpoolCounters(**{kind: 1})
-                with contextlib.suppress(OSError):
-                    self._write(self.dir / _META, self._meta_bytes(self._next, self._pending))
-                log.warning("telemetry spool: record %d lost: %s", seq, exc)
-                return None
-            self._sizes[seq] = len(data)
-            self._bytes += len(data)
-            return seq
-
-    def count_rejected(self) -> None:
-        """Count a record the broker refused for good (reported in the next record)."""
-        with self._lock:
-            self._pending = self._pending + SpoolCounters(rejected=1)
-
-    def pending(self) -> list[int]:
-        """Spooled sequence numbers, oldest first."""
-        with self._lock:
-            return sorted(self._sizes)
-
-    def read(self, seq: int) -> bytes | None:
-        """A spooled record's bytes (``None`` if it was removed or is unreadable)."""
-        try:
-            return self._path(seq).read_bytes()
-        except OSError:
-            return None
-
-    def remove(self, seq: int) -> None:
-        """Delete an acknowledged record (no-op if already gone)."""
-        with self._lock:
-            size = self._sizes.pop(seq, None)
-            if size is not None:
-                self._bytes -= size
-        with contextlib.suppress(OSError):
-            self._path(seq).unlink()
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._sizes)
-
-    @property
-    def bytes(self) -> int:
-        with self._lock:
-            return self._bytes
-
-
-# ----------------------------------------------------------------------- health
-
-
-class HealthProbe:
-    """Reads device health where the platform exposes it; ``None`` elsewhere."""
-
-    def __init__(
-        self, disk_path: Path, thermal_glob: str = "/sys/class/thermal/thermal_zone*/temp"
-    ):
-        self.disk_path = Path(disk_path)
-        self.thermal_glob = thermal_glob
-        self._last = (time.monotonic(), time.process_time())
-
-    def snapshot(self) -> Health:
-        now, cpu = time.monotonic(), time.process_time()
-        last_now, last_cpu = self._last
-        self._last = (now, cpu)
-        cpu_percent = None
-        if now - last_now > 0:
-            cpu_percent = round(max(0.0, (cpu - last_cpu) / (now - last_now) * 100), 3)
-        load1 = None
-        with contextlib.suppress(OSError, AttributeError):
-            load1 = round(os.getloadavg()[0], 3)
-        disk = None
-        with contextlib.suppress(OSError):
-            disk = shutil.disk_usage(self.disk_path).free
-        return Health(cpu_percent, load1, self._rss(), disk, self._temperature())
-
-    @staticmethod
-    def _rss() -> int | None:
-        try:
-            with open("/proc/self/statm") as fh:
-                return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        except (OSError, ValueError, IndexError):
-            pass
-        try:
-            import resource
-
-            return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
-        except (ImportError, OSError):  # pragma: no cover - non-POSIX
-            return None
-
-    def _temperature(self) -> float | None:
-        import glob
-
-        best = None
-        for path in glob.glob(self.thermal_glob):
-            try:
-                with open(path) as fh:
-                    value = int(fh.read().strip()) / 1000.0
-            except (OSError, ValueError):
-                continue
-            if -273.15 <= value <= 1000 and (best is None or value > best):
-                best = value
-        return best
-
-
-# ------------------------------------------------------------------ aggregation
-
-
-@dataclass
-class _Layout:
-    """How one input's features are binned (see ``_bin_sorted``)."""
-
-    ascending: bool  # every row of edges ascends (no NaN): _bin_sorted applies
-    leading: bool  # the columns are 0..F-1: a row's first F values, no gather
-    edges32: np.ndarray | None  # _round_up_to_float32(edges) when ascending
-    # (rows, dtype) -> edges laid out for a block of that many rows of that dtype
-    tiles: dict[tuple[int, str], np.ndarray] = field(default_factory=dict)
-
-    @classmethod
-    def of(cls, columns: np.ndarray, edges: np.ndarray, bins: int) -> _Layout:
-        ascending = _ascending(edges, bins)
-        leading = bool((columns == np.arange(len(columns))).all())
-        return cls(ascending, leading, _round_up_to_float32(edges) if ascending else None)
-
-
-@dataclass
-class _Profile:
-    """Drift-reference edges compiled for vectorized binning."""
-
-    bins: int
-    # input -> (column indexes, names, edges matrix (F, bins-1))
-    features: dict[str, tuple[np.ndarray, list[str], np.ndarray]]
-    # input -> list of (channel, edges)
-    channels: dict[str, list[tuple[int, np.ndarray]]]
-    # input -> its features' layout
-    layouts: dict[str, _Layout] = field(default_factory=dict)
-
-    @classmethod
-    def compile(cls, ref: Mapping[str, Any] | None) -> _Profile | None:
-        if not ref:
-            return None
-        bins = int(ref["bins"])
-        feats: dict[str, list[tuple[int, str, list[float]]]] = {}
-        for f in ref.get("features", []):
-            feats.setdefault(str(f["input"]), []).append(
-                (int(f["index"]), str(f.get("name", f["index"])), list(f["edges"]))
-            )
-        chans: dict[str, list[tuple[int, np.ndarray]]] = {}
-        for c in ref.get("channels", []):
-            chans.setdefault(str(c["input"]), []).append(
-                (int(c["channel"]), np.asarray(c["edges"], dtype=np.float64))
-            )
-        features = {
-            name: (
-                np.asarray([i for i, _, _ in items], dtype=np.intp),
-                [n for _, n, _ in items],
-                np.asarray([e for _, _, e in items], dtype=np.float64).reshape(len(items), -1),
-            )
-            for name, items in feats.items()
-        }
-        layouts = {
-            name: _Layout.of(columns, edges, bins) for name, (columns, _, edges) in features.items()
-        }
-        return cls(bins, features, chans, layouts)
-
-
-def bin_matrix(values: np.ndarray, edges: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray]:
-    """Histogram every column of ``values`` (N, F) over its own edges (F, bins-1).
-
-    Equivalent to ``np.searchsorted(edges[f], values[:, f], side="right")`` per
-    column (the count of edges <= v), done with vectorized comparisons in row
-    chunks (see ``_bin_sorted`` for ascending edges). Non-finite values are not
-    binned.
-
-    Returns:
-        ``(counts (F, bins) int64, nonfinite (F,) int64)``.
-    """
-    return _bin_matrix(values, edges, bins, None)
-
-
-def _ascending(edges: np.ndarray, bins: int) -> bool:
-    """Whether ``edges`` is (F, bins-1), bins >= 2, with every row ascending (so no NaN)."""
-    return (
-        edges.ndim == 2
-        and edges.shape[1] == bins - 1
-        and bins >= 2
-        and bool((edges[:, 1:] >= edges[:, :-1]).all())
-    )
-
-
-def _bin_matrix(
-    values: np.ndarray, edges: np.ndarray, bins: int, layout: _Layout | None
-) -> tuple[np.ndarray, np.ndarray]:
-    """``bin_matrix``; ``layout`` (of these edges) keeps the laid-out edges between calls."""
-    n, f = values.shape
-    counts = np.zeros((f, bins), dtype=np.int64)
-    finite = np.isfinite(values)
-    all_finite = bool(finite.all())
-    if all_finite:
-        nonfinite = np.zeros(f, dtype=np.int64)
-    else:
-        nonfinite = (~finite).sum(axis=0).astype(np.int64)
-    if n == 0 or f == 0:
-        return counts, nonfinite
-    if layout is None and edges.shape[0] == f and _ascending(edges, bins):
-        layout = _Layout.of(np.arange(f), edges, bins)
-    if layout is not None and layout.ascending and edges.shape[0] == f:
-        _bin_sorted(values, None if all_finite else finite, edges, counts, layout)
-        return counts, nonfinite
-    step = max(1, _BROADCAST_LIMIT // max(1, f * max(1, bins - 1)))
-    offsets = np.arange(f, dtype=np.int64) * (bins + 1)
-    for lo in range(0, n, step):
-        block = values[lo : lo + step]
-        idx = (block[:, :, None] >= edges[None, :, :]).sum(axis=2, dtype=np.int64)
-        idx[~finite[lo : lo + step]] = bins  # an extra, discarded bin
-        flat = np.bincount((idx + offsets).ravel(), minlength=f * (bins + 1))
-        counts += flat.reshape(f, bins + 1)[:, :bins]
-    return counts, nonfinite
-
-
-def _round_up_to_float32(edges: np.ndarray) -> np.ndarray:
-    """The smallest float32 >= each edge: for a float32 v, ``v >= e`` iff ``v >= that``."""
-    with np.errstate(over="ignore"):  # beyond float32's range: -max or inf, as intended
-        up = edges.astype(np.float32)
-        low = up.astype(np.float64) < edges
-        up[low] = np.nextafter(up[low], np.float32(np.inf))
-    return up
-
-
-def _bin_sorted(
-    values: np.ndarray,
-    finite: np.ndarray | None,
-    edges: np.ndarray,
-    counts: np.ndarray,
-    layout: _Layout,
-) -> None:
-    """``bin_matrix`` for rows of ascending edges: add the histograms to ``counts``.
-
-    With ascending edges, "at least k+1 edges <= v" is the same as
-    "v >= edges[k]", so each histogram is the difference of how many values
-    reach each edge: one comparison of every value with its column's edge,
-    both laid out contiguously (several times faster than a broadcast), and
-    one sum; no per-value bin index. ``finite`` is ``None`` when every value
-    is finite; otherwise non-finite values are compared as NaN (which reaches
-    no edge, so lands in bin 0) and taken out of bin 0 again. Float32 values
-    are compared in float32 with the edges rounded up (the same outcomes, half
-    the memory traffic); others as numpy promotes them with float64 edges.
-    ``layout.tiles`` keeps the laid-out edges for the last block sizes (a
-    steady rate repeats them).
-    """
-    f, cuts = edges.shape
-    if values.dtype == np.float32 and layout.edges32 is not None:
-        edges = layout.edges32
-    # Rows per block: the laid-out edges stay within _TILE_BYTES, and the uint16
-    # sums below cannot overflow.
-    step = max(1, min(0xFFFF, _TILE_BYTES // (edges.itemsize * f * cuts)))
-    for lo in range(0, len(values), step):
-        rows = values[lo : lo + step]
-        m = len(rows)
-        missing = None
-        if finite is None:
-            block = np.ascontiguousarray(rows.T)  # (F, m)
-        else:
-            ok = finite[lo : lo + step].T
-            missing = m - np.count_nonzero(ok, axis=1)
-            block = np.ascontiguousarray(np.where(ok, rows.T, np.nan))
-        key = (m, edges.dtype.char)
-        tiled = layout.tiles.get(key)
-        if tiled is None:
-            tiled = np.repeat(edges.T, m, axis=1)  # (cuts, F*m): [k, j*m + i] = edges[j, k]
-            if len(layout.tiles) >= 2:
-                layout.tiles.clear()
-            layout.tiles[key] = tiled
-        reached = block.reshape(1, f * m) >= tiled
-        # reaching[k + 1, j]: values of column j >= edge k; row 0 all of them, the last none.
-        reaching = np.zeros((cuts + 2, f), dtype=np.int64)
-        reaching[0] = m
-        reaching[1:-1] = reached.view(np.uint8).reshape(cuts, f, m).sum(axis=2, dtype=np.uint16)
-        hist = (reaching[:-1] - reaching[1:]).T  # (F, bins)
-        if missing is not None:
-            hist[:, 0] -= missing
-        counts += hist
 
 
 @dataclass
@@ -650,7 +158,8 @@ def _encode_array(array: Any) -> ArraySample | None:
     if len(data) > MAX_SAMPLE_BYTES:
         return None
     try:
-        return ArraySample(name, tuple(int(n) for n in a.shape), data)
+        # An unsupported dtype name is refused by ArraySample's own validation.
+        return ArraySample(cast("DType", name), tuple(int(n) for n in a.shape), data)
     except MalformedMessageError:
         return None
 
@@ -679,7 +188,7 @@ class TelemetryRecorder:
         model: ModelRef | None = None,
         drift_reference: Mapping[str, Any] | None = None,
         shadow_stats: Callable[[], Mapping[str, Any] | None] | None = None,
-        health: HealthProbe | None = None,
+        vitals: VitalsProbe | None = None,
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
     ) -> None:
@@ -710,7 +219,7 @@ class TelemetryRecorder:
         self._model = model
         self._profile = _Profile.compile(drift_reference)
         self._shadow_stats = shadow_stats
-        self._health = health or HealthProbe(spool.dir)
+        self._vitals = vitals or VitalsProbe(spool.dir)
         self._window = _Window(start=clock())
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -802,7 +311,7 @@ class TelemetryRecorder:
                 kind = self._errors.popleft()
                 w.errors += 1
                 if len(w.error_kinds) < 32 or kind in w.error_kinds:
-                    w.error_kinds[kind if _KIND_RE.fullmatch(kind) else "error"] += 1
+                    w.error_kinds[kind if KIND_RE.fullmatch(kind) else "error"] += 1
             if batch:
                 self._aggregate_batch(w, batch)
             self._take_samples(w)
@@ -1201,7 +710,7 @@ class TelemetryRecorder:
             features=tuple(features[:4096]),
             channels=tuple(channels[:4096]),
             shadow=self._shadow_summary(),
-            health=self._health.snapshot(),
+            health=self._vitals.snapshot(),
             events=tuple(w.events),
             spool=counters,
             dropped_observations=w.dropped,
@@ -1296,101 +805,3 @@ class TelemetryRecorder:
             self._thread = None
         if flush:
             self.close_window()
-
-
-# -------------------------------------------------------------------- publisher
-
-
-class AckPublisher(Protocol):
-    """The slice of ``agent.mqtt.MqttConnection`` the publisher needs."""
-
-    @property
-    def connected(self) -> bool: ...
-
-    def publish(
-        self,
-        topic: str,
-        payload: bytes,
-        *,
-        qos: int = 1,
-        retain: bool = False,
-        on_ack: Callable[[Any], None] | None = None,
-    ) -> int: ...
-
-
-class TelemetryPublisher:
-    """Moves spooled records to the broker; a record leaves the spool only on PUBACK."""
-
-    def __init__(
-        self,
-        spool: Spool,
-        publisher: AckPublisher,
-        topic: str,
-        *,
-        max_inflight: int = 8,
-        ack_timeout_s: float = 60.0,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.spool = spool
-        self._publisher = publisher
-        self.topic = topic
-        self.max_inflight = max_inflight
-        self.ack_timeout_s = ack_timeout_s
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._inflight: dict[int, float] = {}
-        self.acked = 0
-        self.rejected = 0
-        self.retried = 0
-
-    def pump(self) -> int:
-        """Publish spooled records not already awaiting a PUBACK; return how many.
-
-        Never raises: a transport failure leaves the records spooled.
-        """
-        if not self._publisher.connected:
-            return 0
-        now = self._clock()
-        sent = 0
-        with self._lock:
-            for seq, since in list(self._inflight.items()):
-                if now - since > self.ack_timeout_s:
-                    del self._inflight[seq]  # no PUBACK: send again (the receiver dedupes)
-                    self.retried += 1
-            candidates = [s for s in self.spool.pending() if s not in self._inflight]
-            room = self.max_inflight - len(self._inflight)
-        for seq in candidates[: max(0, room)]:
-            data = self.spool.read(seq)
-            if data is None:
-                continue
-            with self._lock:
-                self._inflight[seq] = now
-            try:
-                self._publisher.publish(
-                    self.topic, data, qos=1, on_ack=functools.partial(self._acked, seq)
-                )
-            except Exception as exc:  # TransportError from the connection: retry later
-                with self._lock:
-                    self._inflight.pop(seq, None)
-                log.info("telemetry: publish of %d deferred: %s", seq, exc)
-                break
-            sent += 1
-        return sent
-
-    def _acked(self, seq: int, result: Any) -> None:
-        with self._lock:
-            self._inflight.pop(seq, None)
-        if result.ok:
-            self.spool.remove(seq)
-            self.acked += 1
-        elif result.permanent_failure:
-            self.spool.remove(seq)
-            self.spool.count_rejected()
-            self.rejected += 1
-            log.warning("telemetry: broker refused record %d for good: %s", seq, result.reason)
-        else:
-            log.info("telemetry: broker refused record %d for now: %s", seq, result.reason)
-
-    def inflight(self) -> int:
-        with self._lock:
-            return len(self._inflight)

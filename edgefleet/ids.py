@@ -8,8 +8,9 @@ trailing newline, so the compiled form ends with ``\\Z``), and an
 searches, so the same ``\\Z`` anchoring applies).
 
 The manifest, topics, the agent's state file, the server's API schemas and
-the wire messages all import from here; a rule changed here changes
-everywhere at once.
+the wire messages (``edgefleet.wire``) all import from here; a rule changed
+here changes everywhere at once. This module imports nothing from edgefleet,
+so every layer may use it.
 """
 
 from __future__ import annotations
@@ -21,13 +22,18 @@ from typing import Annotated
 from msgspec import Meta
 
 __all__ = [
-    "BUNDLE_ID_PATTERN",
     "HEX64_PATTERN",
+    "HEX64_RE",
+    "ID_PATTERN",
+    "ID_RE",
     "KIND_PATTERN",
+    "KIND_RE",
     "MAX_UNIX_TS",
     "MAX_VERSION",
     "MODEL_NAME_PATTERN",
+    "MODEL_NAME_RE",
     "NAME_PATTERN",
+    "NAME_RE",
     "BundleId",
     "Count",
     "DeviceName",
@@ -48,7 +54,7 @@ MAX_UNIX_TS = 253_402_300_799.0
 
 HEX64_PATTERN = r"^[0-9a-f]{64}$"  # sha256 digests, key ids
 # Bundle ids, rollout ids and payload paths: 128 characters, no leading dot or dash.
-BUNDLE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 # Device ids, group names, device classes: one MQTT topic level, no wildcards.
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 MODEL_NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
@@ -68,7 +74,7 @@ def fullmatch_re(pattern: str) -> re.Pattern[str]:
 
 
 HEX64_RE = fullmatch_re(HEX64_PATTERN)
-BUNDLE_ID_RE = fullmatch_re(BUNDLE_ID_PATTERN)
+ID_RE = fullmatch_re(ID_PATTERN)
 NAME_RE = fullmatch_re(NAME_PATTERN)
 MODEL_NAME_RE = fullmatch_re(MODEL_NAME_PATTERN)
 KIND_RE = fullmatch_re(KIND_PATTERN)
@@ -76,7 +82,7 @@ KIND_RE = fullmatch_re(KIND_PATTERN)
 _FMAX = sys.float_info.max  # bounds a float to finite values: inf and NaN fail ge/le
 
 Hex64 = Annotated[str, Meta(min_length=64, max_length=64, pattern=_python(HEX64_PATTERN))]
-BundleId = Annotated[str, Meta(max_length=128, pattern=_python(BUNDLE_ID_PATTERN))]
+BundleId = Annotated[str, Meta(max_length=128, pattern=_python(ID_PATTERN))]
 DeviceName = Annotated[str, Meta(max_length=64, pattern=_python(NAME_PATTERN))]
 ModelName = Annotated[str, Meta(max_length=64, pattern=_python(MODEL_NAME_PATTERN))]
 Kind = Annotated[str, Meta(max_length=32, pattern=_python(KIND_PATTERN))]
