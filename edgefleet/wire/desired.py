@@ -25,12 +25,12 @@ from msgspec import Meta
 
 from edgefleet import canonical
 from edgefleet.ids import BundleId, DeviceName, Hex64, ModelName, Version
-from edgefleet.keys import SigningKey
 from edgefleet.timeutil import format_utc, parse_utc
 from edgefleet.topics import DeviceTopic, GroupTopic
 from edgefleet.wire.base import WireStruct, convert, fail, wire_default
 
 if TYPE_CHECKING:  # edgefleet.trust imports this module to verify; signing needs its type
+    from edgefleet.keys import SigningKey  # cryptography loads on signing, not at import
     from edgefleet.trust.root import Signature
 
 __all__ = [

@@ -32,7 +32,7 @@ from edgefleet.wire import (
     StatusMessage,
     TelemetryRecord,
 )
-from examples.tiny_model import make_linear_model
+from firmware_sim.models import linear_model as make_linear_model
 from tests.mosquitto import Mosquitto, wait_until
 
 DEVICE = "pi-1"

@@ -21,7 +21,7 @@ from edgefleet.keys import load_signing_key
 from edgefleet.keystore import KeyStore
 from edgefleet.topics import DeviceTopic
 from edgefleet.wire import TelemetryRecord
-from examples.tiny_model import make_linear_model
+from firmware_sim.models import linear_model as make_linear_model
 from tests.mosquitto import Mosquitto, free_port, wait_until
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from sqlalchemy import create_engine, text
 
 from examples.fleet_demo import Fleet, wait_for
-from examples.tiny_model import make_linear_model
+from firmware_sim.models import linear_model as make_linear_model
 
 DEVICES = ("pi-1", "pi-2", "pi-3")
 RATE = 8192  # chunk bytes per second per device: a ~50 KiB bundle takes ~6 s

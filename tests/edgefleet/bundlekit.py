@@ -24,7 +24,7 @@ from edgefleet.keystore import KeyStore
 from edgefleet.manifest import DeviceFacts, PayloadEntry
 from edgefleet.release import sign_manifest, tar_header, write_bundle
 from edgefleet.trust import Signature, TrustRoot
-from examples.tiny_model import make_linear_model
+from firmware_sim.models import linear_model as make_linear_model
 
 NOW = datetime(2026, 6, 1, 12, 0, 0, tzinfo=timezone.utc)
 DEVICE = DeviceFacts(

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from edgefleet.build import BuildOptions, ModelFileError, build_bundle, describe_model
-from examples.tiny_model import make_linear_model
+from firmware_sim.models import linear_model as make_linear_model
 
 
 def _array(n: int) -> dict[str, object]:

@@ -37,7 +37,7 @@ def openssl_verify(work: Path) -> subprocess.CompletedProcess[str]:
 @pytest.mark.parametrize("compression", ["none", "zstd"])
 def test_bundle_verifies_with_sha256sum_and_openssl(tmp_path, keydir, compression):
     model = tmp_path / "model.onnx"
-    from examples.tiny_model import make_linear_model
+    from firmware_sim.models import linear_model as make_linear_model
 
     model.write_bytes(make_linear_model())
     bundle = tmp_path / "tiny.bundle"

@@ -16,7 +16,7 @@ from edgefleet.errors import (
     UnknownKeyError,
     WrongTargetError,
 )
-from examples.tiny_model import make_linear_model
+from firmware_sim.models import linear_model as make_linear_model
 from tests.edgefleet.bundlekit import members
 
 
