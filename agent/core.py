@@ -56,7 +56,6 @@ from agent.runtime import (
     make_session,
 )
 from agent.serving import FeedbackSink, Observer, Serving
-from agent.shadow import ShadowRunner, compatible_inputs, describe_inputs, stage_shadow_bundle
 from agent.slots import StateLayout
 from agent.state import AgentState, SlotRef, load_state, valid_update_id
 from agent.updater import BundleStream, EventSink, InstallResult, Updater, new_update_id
@@ -525,6 +524,13 @@ class Agent:
             NothingToRollBackError: ``"previous"`` without a previous model.
             StorageError: writing the shadow slot failed.
         """
+        from agent.shadow import (  # loaded with the first shadow, not at start-up
+            ShadowRunner,
+            compatible_inputs,
+            describe_inputs,
+            stage_shadow_bundle,
+        )
+
         self._check_writable()
         with self._op_lock:
             serving = self._serving.model

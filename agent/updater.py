@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import uuid
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -106,7 +106,7 @@ BundleStream = IO[bytes] | bytes | bytearray | memoryview
 
 def new_update_id(prefix: str = "local") -> str:
     """A fresh update id for an update that did not come with one."""
-    return f"{prefix}-{uuid.uuid4().hex[:16]}"
+    return f"{prefix}-{os.urandom(8).hex()}"
 
 
 @dataclass(frozen=True)

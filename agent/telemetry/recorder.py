@@ -134,6 +134,31 @@ def _increasing_ints(pids: Sequence[Any]) -> np.ndarray | None:
     return keys
 
 
+def _count_over_edges(values: np.ndarray, edges: np.ndarray, bins: int) -> np.ndarray | None:
+    """``bincount(searchsorted(edges, values, side="right"), minlength=bins)`` when cheap.
+
+    With ascending edges, "at least k+1 edges <= v" is "v >= edges[k]", so the
+    histogram is the difference of how many values reach each edge: one
+    vectorized comparison per edge instead of a binary search per value (about
+    ten times faster for the usual ten bins). Returns ``None`` (the caller
+    searches) when a value is not finite, the edges do not ascend, or there
+    are more than 32 of them.
+    """
+    cuts = len(edges)
+    if not values.size or cuts != bins - 1 or cuts > 32:
+        return None
+    if not (math.isfinite(values.min()) and math.isfinite(values.max())):
+        return None  # NaN propagates through min/max; infinities show
+    if cuts > 1 and not bool((edges[1:] >= edges[:-1]).all()):
+        return None
+    reaching = np.empty(cuts + 2, dtype=np.int64)
+    reaching[0] = values.size
+    reaching[-1] = 0
+    for k in range(cuts):
+        reaching[k + 1] = np.count_nonzero(values >= edges[k])
+    return reaching[:-1] - reaching[1:]
+
+
 def _add_output_values(acc: _OutputAcc, flat: np.ndarray) -> None:
     finite = np.isfinite(flat)
     good = flat if finite.all() else flat[finite]
@@ -429,14 +454,19 @@ class TelemetryRecorder:
     def _add_channel(
         w: _Window, name: str, channel: int, edges: np.ndarray, bins: int, values: np.ndarray
     ) -> None:
-        fin = np.isfinite(values)
-        good = values[fin]
-        idx = np.searchsorted(edges, good, side="right")
-        counts = np.bincount(idx, minlength=bins).astype(np.int64)
+        counts = _count_over_edges(values, edges, bins)
+        if counts is not None:  # every value finite: no mask, no copy
+            good, nonfinite = values, 0
+        else:
+            fin = np.isfinite(values)
+            good = values[fin]
+            nonfinite = int(values.size - good.size)
+            idx = np.searchsorted(edges, good, side="right")
+            counts = np.bincount(idx, minlength=bins).astype(np.int64)
         # [counts, nonfinite, n, sum, sum of squares]
         acc = w.channels.setdefault((name, channel), [np.zeros(bins, np.int64), 0, 0, 0.0, 0.0])
         acc[0] += counts
-        acc[1] += int((~fin).sum())
+        acc[1] += nonfinite
         acc[2] += int(good.size)
         acc[3] += float(good.sum())
         acc[4] += float(np.square(good).sum())

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -42,7 +41,8 @@ class VitalsProbe:
             load1 = round(os.getloadavg()[0], 3)
         disk = None
         with contextlib.suppress(OSError):
-            disk = shutil.disk_usage(self.disk_path).free
+            st = os.statvfs(self.disk_path)  # what shutil.disk_usage(...).free reads
+            disk = st.f_bavail * st.f_frsize
         return Vitals(cpu_percent, load1, self._rss(), disk, self._temperature())
 
     @staticmethod

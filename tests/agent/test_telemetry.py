@@ -449,3 +449,20 @@ def test_options_are_bounded() -> None:
         TelemetryOptions(sample_rate=1.5)
     with pytest.raises(ValueError):
         TelemetryOptions(samples_per_window=1000)
+
+
+def test_channel_counts_over_edges_equal_searchsorted() -> None:
+    """The comparison-per-edge histogram is ``bincount(searchsorted(side="right"))``."""
+    from agent.telemetry.recorder import _count_over_edges
+
+    rng = np.random.default_rng(3)
+    edges = np.array([-1.0, -0.5, 0.0, 0.0, 0.25, 1.0, 2.0, 3.0, 3.5])  # a tie, like real deciles
+    values = np.concatenate([rng.normal(size=5000), edges, edges + 1e-12, edges - 1e-12])
+    got = _count_over_edges(values, edges, 10)
+    want = np.bincount(np.searchsorted(edges, values, side="right"), minlength=10)
+    assert got is not None and got.tolist() == want.tolist() and got.sum() == values.size
+    for bad in (np.nan, np.inf, -np.inf):  # the caller masks and searches instead
+        assert _count_over_edges(np.append(values, bad), edges, 10) is None
+    assert _count_over_edges(values, edges[::-1].copy(), 10) is None  # not ascending
+    assert _count_over_edges(values, edges, 11) is None  # edges do not fit the bins
+    assert _count_over_edges(values[:0], edges, 10) is None

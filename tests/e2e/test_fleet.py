@@ -13,7 +13,7 @@ from pathlib import Path
 
 from sqlalchemy import create_engine, text
 
-from examples.fleet_demo import Fleet, wait_for
+from firmware_sim.fleet import Fleet, wait_for
 from firmware_sim.models import linear_model as make_linear_model
 
 DEVICES = ("pi-1", "pi-2", "pi-3")

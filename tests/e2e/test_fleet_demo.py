@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
+import sys
 from pathlib import Path
 
-from examples.fleet_demo import run_demo
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _our_processes(workdir: Path) -> list[str]:
@@ -15,7 +17,15 @@ def _our_processes(workdir: Path) -> list[str]:
 
 def test_fleet_demo_installs_reports_and_leaves_nothing_running(tmp_path: Path) -> None:
     workdir = tmp_path / "fleet"
-    summary = run_demo(workdir, None)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "examples/fleet_demo.py"), "--workdir", str(workdir), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert summary["audit_ok"] is True
     assert set(summary["devices"]) == {"pi-1", "pi-2", "pi-3"}
     for device in summary["devices"].values():
