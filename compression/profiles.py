@@ -114,13 +114,20 @@ def bin_proportions(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
     return counts / max(int(values.size), 1)
 
 
-def _profile(values: np.ndarray) -> tuple[list[float], list[float]]:
+def bin_counts(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """Values per bin under the device rule ``searchsorted(side="right")``."""
+    idx = np.searchsorted(edges, values.astype(np.float64), side="right")
+    return np.bincount(idx, minlength=len(edges) + 1)
+
+
+def _profile(values: np.ndarray) -> tuple[list[float], list[float], list[int]]:
     finite = values[np.isfinite(values)]
     if finite.size == 0:
         finite = np.zeros(1)
     edges = quantile_edges(finite)
-    expected = bin_proportions(finite, edges)
-    return [float(e) for e in edges], [float(p) for p in expected]
+    counts = bin_counts(finite, edges)
+    expected = counts / max(int(finite.size), 1)
+    return [float(e) for e in edges], [float(p) for p in expected], [int(c) for c in counts]
 
 
 def drift_reference(
@@ -158,18 +165,19 @@ def drift_reference(
     counter = 0
     for name, matrix in columns:
         for index in range(matrix.shape[1]):
-            edges, expected = _profile(matrix[:, index])
+            edges, expected, counts = _profile(matrix[:, index])
             label = feature_names[counter] if feature_names is not None else f"f{counter}"
             features.append(
-                {"input": name, "index": index, "name": label, "edges": edges, "expected": expected}
-            )
+                {"input": name, "index": index, "name": label, "edges": edges,
+                 "expected": expected, "counts": counts, "n": sum(counts)}
+            )  # fmt: skip
             counter += 1
     for name, array in calib_inputs.items():
         if array.ndim < 3:
             continue
         for channel in range(array.shape[1]):
             values = array[:, channel].reshape(-1).astype(np.float64)
-            edges, expected = _profile(values)
+            edges, expected, counts = _profile(values)
             channels.append(
                 {
                     "input": name,
@@ -178,6 +186,8 @@ def drift_reference(
                     "std": float(np.std(values)),
                     "edges": edges,
                     "expected": expected,
+                    "counts": counts,
+                    "n": sum(counts),
                 }
             )
     return {"bins": DRIFT_BINS, "features": features, "channels": channels}

@@ -391,10 +391,29 @@ _PROFILE_KEYS = {
 }
 
 
+# Optional in every entry: the reference counts behind ``expected`` and their total
+# (profiles written before counts were recorded have neither).
+_PROFILE_OPTIONAL = {"counts", "n"}
+
+
 def _check_profile_entry(e: Any, what: str, group: str, bins: int) -> None:
     e = _obj(e, what)
-    if set(e) != _PROFILE_KEYS[group]:
-        raise _fail(f"{what} needs exactly {sorted(_PROFILE_KEYS[group])}")
+    keys = set(e)
+    if not _PROFILE_KEYS[group] <= keys <= _PROFILE_KEYS[group] | _PROFILE_OPTIONAL:
+        raise _fail(
+            f"{what} needs exactly {sorted(_PROFILE_KEYS[group])} "
+            f"(and optionally {sorted(_PROFILE_OPTIONAL)})"
+        )
+    if ("counts" in keys) != ("n" in keys):
+        raise _fail(f"{what}: counts and n go together")
+    if "counts" in keys:
+        n = _int(e["n"], f"{what}.n", 1, 1 << 50)
+        counts = e["counts"]
+        if not isinstance(counts, list) or len(counts) != bins:
+            raise _fail(f"{what}.counts must be {bins} non-negative integers summing to n")
+        tallies = [_int(c, f"{what}.counts[]", 0, 1 << 50) for c in counts]
+        if sum(tallies) != n:
+            raise _fail(f"{what}.counts must be {bins} non-negative integers summing to n")
     _str(e["input"], f"{what}.input")
     if group == "features":
         _int(e["index"], f"{what}.index", 0, 1 << 30)

@@ -105,3 +105,18 @@ def test_drift_expected_always_matches_rule(values):
     assert len(edges) == 9 and np.all(np.diff(edges) >= 0)
     np.testing.assert_allclose(feature["expected"], bin_proportions(values, edges))
     assert sum(feature["expected"]) == pytest.approx(1.0)
+
+
+def test_drift_reference_records_its_counts_for_the_drift_statistics():
+    x = np.random.default_rng(0).normal(size=(777, 3)).astype(np.float32)
+    x[:7, 1] = np.nan  # not binned, not counted
+    img = np.random.default_rng(1).random((20, 2, 4, 4)).astype(np.float32)
+    profile = drift_reference({"x": x, "img": img})
+    for entry in profile["features"] + profile["channels"]:
+        assert len(entry["counts"]) == 10 and sum(entry["counts"]) == entry["n"]
+        assert entry["expected"] == pytest.approx([c / entry["n"] for c in entry["counts"]])
+    assert [f["n"] for f in profile["features"]] == [777, 770, 777]
+    assert [c["n"] for c in profile["channels"]] == [320, 320]
+    from edgefleet.manifest import validate_drift_reference
+
+    assert validate_drift_reference(profile) is profile

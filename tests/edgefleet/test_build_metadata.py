@@ -121,6 +121,12 @@ _DROP = object()
         (_entry(name="n" * 257), "name must be a string"),  # telemetry carries it
         (_entry(extra={"deep": [[[]]]}), "needs exactly"),
         (_entry(expected=[0.5, 0.5, 0.5] + [0.0] * 7), "summing to 1"),
+        (_entry(counts=[10] * 10), "counts and n go together"),
+        (_entry(n=100), "counts and n go together"),
+        (_entry(counts=[10] * 9, n=90), "counts must be 10 non-negative integers"),
+        (_entry(counts=[10] * 10, n=99), "summing to n"),
+        (_entry(counts=[-1] + [11] * 9, n=98), "counts"),
+        (_entry(counts=[1.5] * 10, n=15), "counts"),
     ],
 )
 def test_drift_reference_entries_are_strict(entry: dict[str, object], needle: str) -> None:
@@ -129,6 +135,13 @@ def test_drift_reference_entries_are_strict(entry: dict[str, object], needle: st
 
     with pytest.raises(MalformedBundleError, match=needle):
         validate_drift_reference({"bins": 10, "features": [entry], "channels": []})
+
+
+def test_drift_reference_entries_may_carry_their_counts() -> None:
+    from edgefleet.manifest import validate_drift_reference
+
+    entry = _entry(counts=[10] * 10, n=100)
+    assert validate_drift_reference({"bins": 10, "features": [entry], "channels": []})
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,379 @@
+"""Drift statistics from histograms: counts in, numbers and a verdict out (pure; no I/O).
+
+Flow: a reference (``ReferenceHistogram``: the bundle profile's edges and
+reference counts) and observed counts on the same edges (``Observed``: what
+devices send, summed over devices and windows: histograms on identical edges
+add up) -> ``compare`` gives PSI, Jensen-Shannon distance, binned KS and a
+chi-square p-value -> ``judge`` turns them into a ``Status`` with the
+effective thresholds for this sample size -> ``judge_family`` applies the
+Benjamini-Hochberg step across every (device, feature) judged together, so
+that a drifted verdict also needs a significant chi-square test.
+
+Definitions (docs/drift.md writes them out):
+
+* bin ``k`` of value ``v`` is ``searchsorted(edges, v, side="right")``;
+  non-finite values are counted apart (``nonfinite``) and not binned;
+* smoothed proportions, both sides: ``(count + 0.5) / (n + 0.5 * B)``;
+* ``PSI = sum((a - e) * ln(a / e))`` over the B bins (a observed, e reference);
+* Jensen-Shannon distance (base 2, in [0, 1]) and binned KS (largest gap of
+  the cumulative proportions) on the raw proportions;
+* chi-square: the 2 x B contingency test of reference against observed
+  counts (bins empty on both sides dropped);
+* effective thresholds: ``max(configured, q-quantile of PSI under no drift
+  for this n)``, the null simulated from the reference's proportions with the
+  reference's own sample size (seeded, so verdicts are reproducible).
+
+Invariants: every function is deterministic and pure; ``n < min_n`` is
+``insufficient``, never an alarm; mismatched bins raise ``AnalysisError``
+naming the feature.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+from scipy import stats
+from scipy.spatial import distance
+
+from edgefleet.errors import EdgefleetError
+from server.analysis.verdict import Status, Thresholds
+
+__all__ = [
+    "AnalysisError",
+    "Comparison",
+    "FeatureVerdict",
+    "Observed",
+    "ReferenceHistogram",
+    "bh_reject",
+    "compare",
+    "judge",
+    "judge_family",
+    "null_psi_quantile",
+    "pool",
+    "psi",
+    "references_from_profile",
+    "smoothed",
+]
+
+NONFINITE_WARN_SHARE = 0.01  # a share of non-finite values that is worth a warning
+_NULL_DRAWS = 8000  # simulated no-drift windows behind each null quantile
+_N_GRID = 48  # sample sizes per decade at which null quantiles are simulated
+
+
+class AnalysisError(EdgefleetError, ValueError):
+    """Counts and reference do not fit (bins, lengths, negative counts): names the problem."""
+
+
+@dataclass(frozen=True)
+class ReferenceHistogram:
+    """One feature's (or the outputs') reference: its bin edges and reference counts.
+
+    ``counts`` has ``len(edges) + 1`` entries; ``n`` is their sum.
+    ``estimated`` says the counts came from proportions times an assumed size
+    (profiles written before counts were recorded).
+    """
+
+    name: str
+    index: int
+    edges: tuple[float, ...]
+    counts: tuple[float, ...]
+    estimated: bool = False
+
+    @property
+    def bins(self) -> int:
+        return len(self.counts)
+
+    @property
+    def n(self) -> float:
+        return float(sum(self.counts))
+
+    def proportions(self) -> np.ndarray:
+        c = np.asarray(self.counts, dtype=np.float64)
+        return c / c.sum()
+
+
+@dataclass(frozen=True)
+class Observed:
+    """Observed counts on a reference's bins, plus the non-finite values counted apart."""
+
+    counts: tuple[int, ...]
+    nonfinite: int = 0
+
+    @property
+    def n(self) -> int:
+        return int(sum(self.counts))
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """The statistics of one observed histogram against its reference."""
+
+    n: int
+    nonfinite: int
+    psi: float
+    js: float
+    ks: float
+    chi2_p: float
+
+
+@dataclass(frozen=True)
+class FeatureVerdict:
+    """A judged comparison: statistics, the thresholds that applied, and the status."""
+
+    name: str
+    index: int
+    comparison: Comparison | None  # None when nothing was observed
+    warn_at: float
+    alarm_at: float
+    status: Status
+    reason: str
+    fdr_passed: bool | None = None  # set by judge_family
+
+    def to_dict(self) -> dict[str, Any]:
+        c = self.comparison
+        return {
+            "name": self.name,
+            "index": self.index,
+            "n": 0 if c is None else c.n,
+            "nonfinite": 0 if c is None else c.nonfinite,
+            "psi": None if c is None else _round(c.psi),
+            "js": None if c is None else _round(c.js),
+            "ks": None if c is None else _round(c.ks),
+            "chi2_p": None if c is None else float(f"{c.chi2_p:.6g}"),
+            "warn_at": _round(self.warn_at),
+            "alarm_at": _round(self.alarm_at),
+            "status": self.status.value,
+            "reason": self.reason,
+            "fdr_passed": self.fdr_passed,
+        }
+
+
+def _round(x: float) -> float:
+    return float(round(x, 6))
+
+
+# ----------------------------------------------------------------- profiles
+
+
+def references_from_profile(
+    profile: Mapping[str, Any], thresholds: Thresholds | None = None
+) -> list[ReferenceHistogram]:
+    """The ``features`` of a ``drift_reference`` profile as reference histograms.
+
+    Reads ``counts`` when the profile has them; an older profile with
+    proportions only (``expected``) is taken as ``thresholds.reference_n``
+    rows in those proportions, and marked ``estimated``.
+
+    Raises:
+        AnalysisError: an entry's edges, counts or proportions do not fit its bins.
+    """
+    t = thresholds or Thresholds()
+    bins = int(profile.get("bins", 0))
+    out = []
+    for i, f in enumerate(profile.get("features", [])):
+        name = str(f.get("name", f.get("index", i)))
+        edges = tuple(float(e) for e in f["edges"])
+        if len(edges) != bins - 1:
+            raise AnalysisError(f"feature {name}: {len(edges)} edges for {bins} bins")
+        if "counts" in f:
+            counts = tuple(float(c) for c in f["counts"])
+            estimated = False
+        else:
+            counts = tuple(float(p) * t.reference_n for p in f["expected"])
+            estimated = True
+        if len(counts) != bins or min(counts) < 0 or sum(counts) <= 0:
+            raise AnalysisError(f"feature {name}: reference needs {bins} non-negative counts")
+        out.append(ReferenceHistogram(name, int(f.get("index", i)), edges, counts, estimated))
+    return out
+
+
+# -------------------------------------------------------------- statistics
+
+
+def smoothed(counts: Sequence[float] | np.ndarray) -> np.ndarray:
+    """``(count + 0.5) / (n + 0.5 * B)`` per bin (along the last axis)."""
+    c = np.asarray(counts, dtype=np.float64)
+    bins = c.shape[-1]
+    return (c + 0.5) / (c.sum(axis=-1, keepdims=True) + 0.5 * bins)
+
+
+def psi(reference: Sequence[float] | np.ndarray, observed: Sequence[float] | np.ndarray) -> float:
+    """Population stability index of ``observed`` counts against ``reference`` counts."""
+    e = smoothed(reference)
+    a = smoothed(observed)
+    return float(np.sum((a - e) * np.log(a / e)))
+
+
+def _psi_rows(reference: np.ndarray, observed: np.ndarray) -> np.ndarray:
+    e = smoothed(reference)
+    a = smoothed(observed)
+    return np.asarray(np.sum((a - e) * np.log(a / e), axis=-1))
+
+
+def _check(ref: ReferenceHistogram, obs: Observed) -> None:
+    if len(obs.counts) != ref.bins:
+        raise AnalysisError(
+            f"feature {ref.name}: {len(obs.counts)} observed bins for a reference of "
+            f"{ref.bins} (the counts were made on other edges)"
+        )
+    if min(obs.counts, default=0) < 0 or obs.nonfinite < 0:
+        raise AnalysisError(f"feature {ref.name}: counts must be non-negative")
+
+
+def compare(ref: ReferenceHistogram, obs: Observed) -> Comparison | None:
+    """PSI, JS distance, binned KS and chi-square p of ``obs`` against ``ref``.
+
+    Returns None when no finite value was observed.
+
+    Raises:
+        AnalysisError: the observed counts are not on the reference's bins.
+    """
+    _check(ref, obs)
+    n = obs.n
+    if n == 0:
+        return None
+    r = np.asarray(ref.counts, dtype=np.float64)
+    o = np.asarray(obs.counts, dtype=np.float64)
+    p_ref, p_obs = r / r.sum(), o / o.sum()
+    js = float(distance.jensenshannon(p_ref, p_obs, base=2))
+    ks = float(np.max(np.abs(np.cumsum(p_ref) - np.cumsum(p_obs))))
+    keep = (r + o) > 0
+    if int(keep.sum()) < 2:
+        chi2_p = 1.0  # every value in one bin on both sides: nothing to test
+    else:
+        table = np.vstack([r[keep], o[keep]])
+        chi2_p = float(stats.chi2_contingency(table, correction=False).pvalue)
+    return Comparison(n, obs.nonfinite, psi(r, o), 0.0 if math.isnan(js) else js, ks, chi2_p)
+
+
+# --------------------------------------------------------------- thresholds
+
+
+def _grid_n(n: int) -> int:
+    """The largest grid sample size <= n (null quantiles are simulated on a grid)."""
+    if n <= 64:
+        return max(1, n)
+    step = math.floor(math.log10(n) * _N_GRID) / _N_GRID
+    return max(64, math.floor(10**step))
+
+
+@functools.lru_cache(maxsize=8192)
+def _null_quantile(key: tuple[float, ...], m: int, n: int, q: float) -> float:
+    p = np.asarray(key, dtype=np.float64)
+    p = p / p.sum()
+    rng = np.random.default_rng(20261203)
+    obs = rng.multinomial(n, p, size=_NULL_DRAWS)
+    ref = rng.multinomial(m, p, size=_NULL_DRAWS)
+    return float(np.quantile(_psi_rows(ref, obs), q))
+
+
+def null_psi_quantile(ref: ReferenceHistogram, n: int, q: float = 0.99) -> float:
+    """The ``q`` quantile of PSI between two samples of one distribution (no drift).
+
+    One side has ``n`` rows, the other the reference's own size, both drawn
+    from the reference's proportions (8,000 seeded draws, so the result is
+    reproducible). ``n`` is taken down to a grid of 48 sizes per decade:
+    a smaller n gives a larger quantile, so the threshold errs on the quiet side.
+    """
+    if n <= 0:
+        return math.inf
+    key = tuple(round(float(x), 12) for x in ref.proportions())
+    m = max(1, round(ref.n))
+    return _null_quantile(key, m, _grid_n(n), q)
+
+
+def judge(
+    ref: ReferenceHistogram, obs: Observed, thresholds: Thresholds | None = None
+) -> FeatureVerdict:
+    """One feature's verdict: ``insufficient`` below ``min_n``, else by effective thresholds.
+
+    A share of non-finite values of at least 1% is at least a warning (a
+    broken sensor often sends NaN, which PSI over the finite values misses).
+    """
+    t = thresholds or Thresholds()
+    comparison = compare(ref, obs)
+    n = 0 if comparison is None else comparison.n
+    if comparison is None or n < t.min_n:
+        return FeatureVerdict(
+            ref.name, ref.index, comparison, t.psi_warn, t.psi_alarm, Status.INSUFFICIENT,
+            f"{n} observations, fewer than min_n={t.min_n}",
+        )  # fmt: skip
+    floor = null_psi_quantile(ref, n, t.null_quantile)
+    warn_at, alarm_at = max(t.psi_warn, floor), max(t.psi_alarm, floor)
+    value = comparison.psi
+    share = comparison.nonfinite / (n + comparison.nonfinite)
+    if value >= alarm_at:
+        status, reason = Status.ALARM, f"PSI {value:.3f} >= {alarm_at:.3f}"
+    elif value >= warn_at:
+        status, reason = Status.WARN, f"PSI {value:.3f} >= {warn_at:.3f}"
+    elif share >= NONFINITE_WARN_SHARE:
+        status, reason = Status.WARN, f"{share:.1%} of the values are not finite"
+    else:
+        status, reason = Status.OK, f"PSI {value:.3f} < {warn_at:.3f}"
+    return FeatureVerdict(ref.name, ref.index, comparison, warn_at, alarm_at, status, reason)
+
+
+def bh_reject(pvalues: Sequence[float] | np.ndarray, q: float) -> np.ndarray:
+    """Benjamini-Hochberg: which hypotheses are rejected at false discovery rate ``q``."""
+    p = np.asarray(pvalues, dtype=np.float64)
+    m = p.size
+    if m == 0:
+        return np.zeros(0, dtype=bool)
+    order = np.argsort(p, kind="stable")
+    ranked = p[order]
+    below = ranked <= q * np.arange(1, m + 1) / m
+    reject = np.zeros(m, dtype=bool)
+    if below.any():
+        last = int(np.flatnonzero(below)[-1])
+        reject[order[: last + 1]] = True
+    return reject
+
+
+def judge_family(verdicts: Sequence[FeatureVerdict], q: float = 0.05) -> list[FeatureVerdict]:
+    """Apply the Benjamini-Hochberg step across verdicts judged together.
+
+    Every verdict with statistics takes part (the family is every feature of
+    every device in one evaluation); a ``warn`` or ``alarm`` whose chi-square
+    test is not among the discoveries becomes ``ok``, saying why. The
+    non-finite-share warning does not depend on the test.
+    """
+    judged = [i for i, v in enumerate(verdicts) if v.comparison is not None]
+    reject = bh_reject([verdicts[i].comparison.chi2_p for i in judged], q)  # type: ignore[union-attr]
+    out = list(verdicts)
+    for i, rejected in zip(judged, reject, strict=True):
+        v = out[i]
+        passed = bool(rejected)
+        psi_based = v.status in (Status.WARN, Status.ALARM) and v.reason.startswith("PSI")
+        if psi_based and not passed:
+            out[i] = replace(
+                v,
+                status=Status.OK,
+                reason=f"{v.reason}, but the chi-square test is not significant at FDR q={q}",
+                fdr_passed=False,
+            )
+        else:
+            out[i] = replace(v, fdr_passed=passed)
+    return out
+
+
+# ------------------------------------------------------------------ roll-ups
+
+
+def pool(observations: Sequence[Observed]) -> Observed:
+    """Sum histograms on identical edges (fleet, group, device-class and time roll-ups).
+
+    Raises:
+        AnalysisError: the histograms have different numbers of bins.
+    """
+    if not observations:
+        raise AnalysisError("nothing to pool")
+    bins = {len(o.counts) for o in observations}
+    if len(bins) != 1:
+        raise AnalysisError(f"histograms with different bin counts cannot be pooled: {bins}")
+    counts = np.asarray([o.counts for o in observations], dtype=np.int64).sum(axis=0)
+    return Observed(tuple(int(c) for c in counts.tolist()), sum(o.nonfinite for o in observations))

@@ -1,0 +1,140 @@
+"""``edgefleet drift profile|compute``: the offline drift check, no server needed.
+
+* ``profile`` builds a ``drift_reference.json`` from data alone, with the
+  code ``edgefleet compress`` uses (``compression.profiles.drift_reference``).
+* ``compute`` checks a batch of production data against a profile (a
+  bundle's ``drift_reference.json``) with the analysis core the server uses
+  (``server.analysis``): one JSON object with every feature's statistics and
+  status (docs/drift.md).
+
+numpy, scipy and the compression package are imported in the handlers only.
+Exit status: 0 the check ran (whatever it found); 1 unusable input (a missing
+or unreadable file, a profile that is not one, data that does not fit it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from edgefleet.console import console, emit, emit_error
+
+__all__ = ["add_drift_parser"]
+
+
+def add_drift_parser(sub: argparse._SubParsersAction) -> None:
+    """Register ``edgefleet drift``."""
+    drift = sub.add_parser("drift", help="drift profiles and offline drift checks (docs/drift.md)")
+    dsub = drift.add_subparsers(dest="drift_command", metavar="VERB", required=True)
+    prof = dsub.add_parser(
+        "profile",
+        help="build a drift reference profile (drift_reference.json) from data",
+        description="The same profile edgefleet compress writes: 10 equal-frequency bins "
+        "per feature (rank-1/2 inputs) or per channel (rank >= 3), with the counts.",
+    )
+    prof.add_argument("--data", type=Path, required=True, help="X.npz keyed by input name")
+    prof.add_argument("--input", default=None, help="only this array of the .npz")
+    prof.add_argument("--feature-names", default=None, help="comma-separated column names")
+    prof.add_argument("--out", type=Path, required=True, help="where to write REF.json")
+    prof.add_argument("--json", action="store_true", help="print one JSON object")
+    prof.set_defaults(func=_profile)
+    comp = dsub.add_parser(
+        "compute",
+        help="check a batch of data against a profile (PSI, JS, KS, chi-square, status)",
+    )
+    comp.add_argument("--reference", type=Path, required=True, help="drift_reference.json")
+    comp.add_argument("--data", type=Path, required=True, help="X.npz keyed by input name")
+    comp.add_argument("--input", default=None, help="read this array of the .npz as the input")
+    comp.add_argument("--min-n", type=int, default=500, help="observations needed (500)")
+    comp.add_argument("--json", action="store_true", help="print one JSON object")
+    comp.set_defaults(func=_compute)
+
+
+def _arrays(path: Path, only: str | None) -> dict[str, Any]:
+    from compression.data import load_npz
+
+    arrays = load_npz(path, "DATA")
+    if only is None:
+        return arrays
+    if only not in arrays:
+        from compression.errors import DataError
+
+        raise DataError(f"DATA file {path} has no array {only!r} (it has {sorted(arrays)})")
+    return {only: arrays[only]}
+
+
+def _profile(args: argparse.Namespace) -> int:
+    from compression.errors import CompressionError
+    from compression.profiles import drift_reference
+    from edgefleet.fsutil import atomic_write_bytes
+
+    try:
+        arrays = _arrays(args.data, args.input)
+        names = args.feature_names.split(",") if args.feature_names else None
+        profile = drift_reference(arrays, names)
+    except (CompressionError, ValueError) as exc:
+        return emit_error(type(exc).__name__, 1, str(exc), args.json)
+    try:
+        atomic_write_bytes(args.out, json.dumps(profile, indent=1).encode())
+    except OSError as exc:
+        return emit_error("OSError", 1, f"cannot write {args.out}: {exc}", args.json)
+    result = {
+        "ok": True,
+        "out": str(args.out),
+        "bins": profile["bins"],
+        "features": len(profile["features"]),
+        "channels": len(profile["channels"]),
+    }
+    emit(result, args.json, lambda r: console.print(
+        f"wrote {r['out']}: {r['features']} feature(s), {r['channels']} channel(s), "
+        f"{r['bins']} bins"))  # fmt: skip
+    return 0
+
+
+def _compute(args: argparse.Namespace) -> int:
+    from compression.errors import CompressionError
+    from edgefleet.errors import EdgefleetError
+    from edgefleet.manifest import validate_drift_reference
+    from server.analysis.batch import batch_drift
+    from server.analysis.verdict import Thresholds
+
+    try:
+        text = args.reference.read_text()
+    except OSError as exc:
+        return emit_error("OSError", 1, f"cannot read {args.reference}: {exc}", args.json)
+    try:
+        profile = validate_drift_reference(json.loads(text))
+        if profile is None:
+            raise ValueError(f"{args.reference} holds no profile (null)")
+        arrays = _arrays(args.data, None)
+        if args.input is not None:
+            if args.input not in arrays:
+                raise ValueError(f"{args.data} has no array {args.input!r}")
+            wanted = {str(f["input"]) for f in profile.get("features", [])} | {
+                str(c["input"]) for c in profile.get("channels", [])
+            }
+            arrays = {name: arrays[args.input] for name in wanted}
+        result = batch_drift(profile, arrays, Thresholds(min_n=args.min_n))
+    except (CompressionError, EdgefleetError, ValueError) as exc:
+        return emit_error(type(exc).__name__, 1, str(exc), args.json)
+    emit(result, args.json, _render)
+    return 0
+
+
+def _render(r: Mapping[str, Any]) -> None:
+    from rich.table import Table
+
+    table = Table(title="drift", title_justify="left")
+    for col in ("feature", "n", "psi", "js", "ks", "chi2 p", "warn at", "status"):
+        table.add_column(col)
+    for v in [*r["features"], *r["channels"]]:
+        table.add_row(
+            v["name"], str(v["n"]),
+            *("-" if v[k] is None else f"{v[k]:.4g}" for k in ("psi", "js", "ks", "chi2_p")),
+            f"{v['warn_at']:.3f}", v["status"],
+        )  # fmt: skip
+    console.print(table)
+    console.print(f"dataset drift: {'yes' if r['dataset_drift'] else 'no'}")
