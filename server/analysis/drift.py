@@ -54,6 +54,7 @@ __all__ = [
     "judge",
     "judge_family",
     "null_psi_quantile",
+    "outliers",
     "pool",
     "psi",
     "references_from_profile",
@@ -337,12 +338,17 @@ def bh_reject(pvalues: Sequence[float] | np.ndarray, q: float) -> np.ndarray:
 def judge_family(verdicts: Sequence[FeatureVerdict], q: float = 0.05) -> list[FeatureVerdict]:
     """Apply the Benjamini-Hochberg step across verdicts judged together.
 
-    Every verdict with statistics takes part (the family is every feature of
-    every device in one evaluation); a ``warn`` or ``alarm`` whose chi-square
+    Every judged verdict takes part (the family is every feature of every
+    device in one evaluation; ``insufficient`` ones do not); a ``warn`` or
+    ``alarm`` whose chi-square
     test is not among the discoveries becomes ``ok``, saying why. The
     non-finite-share warning does not depend on the test.
     """
-    judged = [i for i, v in enumerate(verdicts) if v.comparison is not None]
+    judged = [
+        i
+        for i, v in enumerate(verdicts)
+        if v.comparison is not None and v.status is not Status.INSUFFICIENT
+    ]
     reject = bh_reject([verdicts[i].comparison.chi2_p for i in judged], q)  # type: ignore[union-attr]
     out = list(verdicts)
     for i, rejected in zip(judged, reject, strict=True):
@@ -377,3 +383,41 @@ def pool(observations: Sequence[Observed]) -> Observed:
         raise AnalysisError(f"histograms with different bin counts cannot be pooled: {bins}")
     counts = np.asarray([o.counts for o in observations], dtype=np.int64).sum(axis=0)
     return Observed(tuple(int(c) for c in counts.tolist()), sum(o.nonfinite for o in observations))
+
+
+def outliers(
+    ref: ReferenceHistogram,
+    per_device: Mapping[str, Observed],
+    thresholds: Thresholds | None = None,
+) -> dict[str, FeatureVerdict]:
+    """Each device's histogram against the rest of the fleet pooled (one broken sensor).
+
+    A population shift moves every device and the rest of the fleet with it;
+    a device whose distribution differs from the others' is an outlier. The
+    rest of the fleet plays the reference (its counts, same edges; the
+    reference's bins name the feature), with the same effective thresholds
+    and one Benjamini-Hochberg step across the devices. Devices below
+    ``min_n`` and fleets of fewer than 3 judged devices give ``insufficient``.
+    """
+    t = thresholds or Thresholds()
+    for device, obs in per_device.items():
+        if len(obs.counts) != ref.bins:
+            raise AnalysisError(
+                f"feature {ref.name}, device {device}: {len(obs.counts)} bins, expected {ref.bins}"
+            )
+    total = pool(list(per_device.values())) if per_device else Observed((0,) * ref.bins)
+    enough = [d for d, o in per_device.items() if o.n >= t.min_n]
+    verdicts: dict[str, FeatureVerdict] = {}
+    for device, obs in per_device.items():
+        rest = tuple(a - b for a, b in zip(total.counts, obs.counts, strict=True))
+        if device not in enough or len(enough) < 3 or sum(rest) < t.min_n:
+            verdicts[device] = FeatureVerdict(
+                ref.name, ref.index, compare(ref, obs), t.psi_warn, t.psi_alarm,
+                Status.INSUFFICIENT, f"{obs.n} observations on {device}, {len(enough)} "
+                f"device(s) with at least min_n={t.min_n}: no fleet to compare with",
+            )  # fmt: skip
+            continue
+        others = ReferenceHistogram(ref.name, ref.index, ref.edges, tuple(float(c) for c in rest))
+        verdicts[device] = judge(others, Observed(obs.counts, 0), t)
+    judged = judge_family(list(verdicts.values()), t.fdr_q)
+    return dict(zip(verdicts, judged, strict=True))
