@@ -276,6 +276,46 @@ class ApiClient:
                 params[key] = value
         return cast(dict[str, Any], self.json("GET", "/telemetry", params=params))
 
+    def drift_report(
+        self,
+        model: str,
+        *,
+        version: int | None = None,
+        group: str | None = None,
+        device_id: str | None = None,
+        since: str | None = None,
+        until: str | None = None,
+        min_n: int | None = None,
+    ) -> dict[str, Any]:
+        """``GET /drift`` (filters left out when None)."""
+        params: dict[str, Any] = {"model": model}
+        for key, value in (
+            ("version", version),
+            ("group", group),
+            ("device_id", device_id),
+            ("since", since),
+            ("until", until),
+            ("min_n", min_n),
+        ):
+            if value is not None:
+                params[key] = value
+        return cast(dict[str, Any], self.json("GET", "/drift", params=params))
+
+    def drift_alerts(
+        self,
+        *,
+        model: str | None = None,
+        level: str | None = None,
+        scope: str | None = None,
+        limit: int = 100,
+    ) -> dict[str, Any]:
+        """``GET /drift/alerts`` (filters left out when None)."""
+        params: dict[str, Any] = {"limit": limit}
+        for key, value in (("model", model), ("level", level), ("scope", scope)):
+            if value is not None:
+                params[key] = value
+        return cast(dict[str, Any], self.json("GET", "/drift/alerts", params=params))
+
     def verify_audit(self) -> dict[str, Any]:
         """``GET /audit/verify``."""
         return cast(dict[str, Any], self.json("GET", "/audit/verify"))

@@ -13,6 +13,8 @@ Data model:
 * ``jobs``: background build jobs; a running job is held under the lease
   ``job:<id>``, so a replica that dies loses nothing (another replica
   requeues the job when the lease runs out).
+* ``drift_alerts``: one row per (model digest, scope, subject) drift alert,
+  its level and the persisted state of ``server.analysis.alerts``.
 * ``leases``: one row per named lease (``server.workers.lease``): its holder,
   expiry and an ``epoch`` that grows on every change of holder and fences
   the holder's writes.
@@ -60,6 +62,7 @@ __all__ = [
     "Device",
     "DeviceGroup",
     "DeviceTag",
+    "DriftAlert",
     "Job",
     "Lease",
     "Model",
@@ -202,6 +205,28 @@ class Job(Base):
     created_at: Mapped[datetime]
     updated_at: Mapped[datetime]
     finished_at: Mapped[datetime | None]
+
+
+class DriftAlert(Base):
+    __tablename__ = "drift_alerts"
+    __table_args__ = (
+        UniqueConstraint("manifest_sha256", "scope", "subject", name="uq_drift_alert"),
+        Index("ix_drift_alerts_model_level", "model_name", "level"),
+    )
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    model_name: Mapped[str] = mapped_column(String(64))
+    model_version: Mapped[int] = mapped_column(BigInteger)
+    manifest_sha256: Mapped[str] = mapped_column(String(64))
+    scope: Mapped[str] = mapped_column(String(80))  # fleet | device:ID
+    subject: Mapped[str] = mapped_column(String(300))  # feature:NAME
+    level: Mapped[str] = mapped_column(String(16))  # ok | warn | alarm | insufficient
+    state: Mapped[dict[str, Any]]  # server.analysis.alerts.AlertState.to_dict()
+    pending_since: Mapped[datetime]  # start of the window being pooled
+    last_judged: Mapped[datetime | None]
+    last_reason: Mapped[str] = mapped_column(Text, default="")
+    since: Mapped[datetime | None]  # when the current level was entered
+    updated_at: Mapped[datetime]
 
 
 class Lease(Base):

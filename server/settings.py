@@ -117,6 +117,12 @@ class Settings(BaseSettings):
         ),
     )
     telemetry_retention_days: int = Field(90, ge=1, le=36500, description="days kept")
+    drift_interval_seconds: float = Field(
+        300.0, ge=1.0, le=86400.0, description="seconds between drift evaluations (docs/drift.md)"
+    )
+    drift_min_n: int = Field(500, ge=1, le=10_000_000, description="observations per judged window")
+    drift_psi_warn: float = Field(0.10, gt=0.0, le=10.0, description="PSI worth a warning")
+    drift_psi_alarm: float = Field(0.25, gt=0.0, le=10.0, description="PSI that alarms")
     bundle_expires_days: int = Field(90, ge=1, le=3650, description="default bundle lifetime")
     metrics_public: bool = Field(False, description="serve /metrics without a token")
     director_keys: list[Path] = Field(
@@ -217,6 +223,15 @@ class Settings(BaseSettings):
         prefix = f"{self.mqtt_username}-"
         if self.mqtt_client_id is not None and not self.mqtt_client_id.startswith(prefix):
             raise ValueError(f"mqtt_client_id must start with {prefix!r} (the server's namespace)")
+        return self
+
+    @model_validator(mode="after")
+    def _drift_thresholds_ordered(self) -> Settings:
+        if self.drift_psi_warn > self.drift_psi_alarm:
+            raise ValueError(
+                f"drift_psi_warn={self.drift_psi_warn} must not exceed "
+                f"drift_psi_alarm={self.drift_psi_alarm}"
+            )
         return self
 
     @field_validator("mqtt_url", "device_mqtt_url")

@@ -390,14 +390,16 @@ def outliers(
     per_device: Mapping[str, Observed],
     thresholds: Thresholds | None = None,
 ) -> dict[str, FeatureVerdict]:
-    """Each device's histogram against the rest of the fleet pooled (one broken sensor).
+    """Each device's histogram against the fleet's typical one (one broken sensor).
 
-    A population shift moves every device and the rest of the fleet with it;
-    a device whose distribution differs from the others' is an outlier. The
-    rest of the fleet plays the reference (its counts, same edges; the
-    reference's bins name the feature), with the same effective thresholds
-    and one Benjamini-Hochberg step across the devices. Devices below
-    ``min_n`` and fleets of fewer than 3 judged devices give ``insufficient``.
+    A population shift moves every device, and the typical histogram with
+    it; a device whose distribution differs from the others' is an outlier.
+    The typical histogram is the bin-wise median of the judged devices'
+    proportions (renormalized), robust to any minority of drifting devices,
+    scaled to the other devices' total count; it plays the reference, with
+    the same effective thresholds and one Benjamini-Hochberg step across the
+    devices. Devices below ``min_n`` and fleets of fewer than 3 judged devices
+    give ``insufficient``.
     """
     t = thresholds or Thresholds()
     for device, obs in per_device.items():
@@ -407,6 +409,11 @@ def outliers(
             )
     total = pool(list(per_device.values())) if per_device else Observed((0,) * ref.bins)
     enough = [d for d, o in per_device.items() if o.n >= t.min_n]
+    typical = np.zeros(ref.bins)
+    if enough:
+        shares = np.asarray([per_device[d].counts for d in enough], dtype=np.float64)
+        typical = np.median(shares / shares.sum(axis=1, keepdims=True), axis=0)
+        typical = typical / typical.sum()
     verdicts: dict[str, FeatureVerdict] = {}
     for device, obs in per_device.items():
         rest = tuple(a - b for a, b in zip(total.counts, obs.counts, strict=True))
@@ -417,7 +424,8 @@ def outliers(
                 f"device(s) with at least min_n={t.min_n}: no fleet to compare with",
             )  # fmt: skip
             continue
-        others = ReferenceHistogram(ref.name, ref.index, ref.edges, tuple(float(c) for c in rest))
+        scaled = typical * float(sum(rest))
+        others = ReferenceHistogram(ref.name, ref.index, ref.edges, tuple(scaled.tolist()))
         verdicts[device] = judge(others, Observed(obs.counts, 0), t)
     judged = judge_family(list(verdicts.values()), t.fdr_q)
     return dict(zip(verdicts, judged, strict=True))

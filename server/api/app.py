@@ -36,6 +36,7 @@ from server.api.routes import (
     audit,
     deployments,
     devices,
+    drift,
     jobs,
     models,
     system,
@@ -48,6 +49,7 @@ from server.services import broker
 from server.services import tokens as token_service
 from server.settings import ConfigError, Settings, check_production
 from server.trustcache import TrustRootCache
+from server.workers.drift import drift_loop
 from server.workers.jobs import JobWorker
 from server.workers.retention import retention_loop
 
@@ -89,6 +91,8 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> FastAPI:
         worker = JobWorker(factory, settings) if settings.worker_enabled else None
         # Retention runs once per deployment: every worker replica competes for its lease.
         retention = retention_loop(factory, settings, worker.owner) if worker else None
+        # Drift evaluation, likewise once per deployment (docs/drift.md).
+        drift_eval = drift_loop(factory, settings, worker.owner) if worker else None
         mqtt = None
         if settings.mqtt_enabled and settings.mqtt_url:
             from server.mqtt.service import MqttService
@@ -99,6 +103,8 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> FastAPI:
             worker.start()
         if retention is not None:
             retention.start()
+        if drift_eval is not None:
+            drift_eval.start()
         if mqtt is not None:
             mqtt.start()
         try:
@@ -106,6 +112,8 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> FastAPI:
         finally:
             if mqtt is not None:
                 mqtt.stop()
+            if drift_eval is not None:
+                drift_eval.stop()
             if retention is not None:
                 retention.stop()
             if worker is not None:
@@ -144,7 +152,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> FastAPI:
             409,
         )
 
-    for module in (tokens, models, jobs, devices, deployments, telemetry, audit):
+    for module in (tokens, models, jobs, devices, deployments, telemetry, drift, audit):
         app.include_router(module.router, prefix=API_PREFIX)
     app.include_router(system.public_router)
     app.include_router(system.open_metrics_router if settings.metrics_public else system.router)

@@ -249,6 +249,81 @@ class TelemetryList(BaseModel):
     total: int
 
 
+# ------------------------------------------------------------------ drift
+
+DriftStatus = Literal["ok", "warn", "alarm", "insufficient"]
+
+
+class FeatureDrift(BaseModel):
+    """One feature's statistics and verdict (docs/drift.md)."""
+
+    name: str
+    index: int
+    n: int
+    nonfinite: int
+    psi: float | None
+    js: float | None
+    ks: float | None
+    chi2_p: float | None
+    warn_at: float
+    alarm_at: float
+    status: DriftStatus
+    reason: str
+    fdr_passed: bool | None
+
+
+class DeviceDrift(BaseModel):
+    status: DriftStatus
+    features: list[FeatureDrift]
+    outlier_features: list[str] = Field(description="features where it differs from the fleet")
+    suppressed: list[str] = Field(description="its alerts that a scope-wide alert covers")
+
+
+class DriftThresholds(BaseModel):
+    psi_warn: float
+    psi_alarm: float
+    min_n: int
+    null_quantile: float
+    fdr_q: float
+
+
+class DriftAlertPublic(BaseModel):
+    id: int
+    model: str
+    version: int
+    manifest_sha256: str
+    scope: str = Field(description="fleet or device:ID")
+    subject: str = Field(description="feature:NAME")
+    level: DriftStatus
+    since: str | None = Field(description="when the current level was entered")
+    last_judged: str | None
+    pending_since: str = Field(description="start of the window being pooled")
+    last_psi: float | None
+    recent: list[DriftStatus] = Field(description="the last judged windows, oldest first")
+    reason: str
+    suppressed: bool = Field(description="a fleet alert at least as severe covers it")
+
+
+class DriftAlertList(BaseModel):
+    alerts: list[DriftAlertPublic]
+    total: int
+
+
+class DriftReport(BaseModel):
+    model: str
+    version: int
+    manifest_sha256: str
+    scope: str = Field(description="fleet, group:NAME or device:ID")
+    since: str | None
+    until: str | None
+    records: int = Field(description="telemetry records read")
+    skipped_histograms: int = Field(description="histograms not on the reference's bins")
+    status: DriftStatus
+    features: list[FeatureDrift]
+    devices: dict[str, DeviceDrift]
+    thresholds: DriftThresholds
+
+
 # ------------------------------------------------------------ deployments
 
 

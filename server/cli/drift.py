@@ -6,6 +6,8 @@
   bundle's ``drift_reference.json``) with the analysis core the server uses
   (``server.analysis``): one JSON object with every feature's statistics and
   status (docs/drift.md).
+* ``report`` asks a server (``GET /api/v1/drift``) for the drift of a model
+  version's fleet telemetry, for the fleet, a group or a device.
 
 numpy, scipy and the compression package are imported in the handlers only.
 Exit status: 0 the check ran (whatever it found); 1 unusable input (a missing
@@ -22,7 +24,7 @@ from typing import Any
 
 from edgefleet.console import console, emit, emit_error
 
-__all__ = ["add_drift_parser"]
+__all__ = ["add_alerts_parser", "add_drift_parser"]
 
 
 def add_drift_parser(sub: argparse._SubParsersAction) -> None:
@@ -51,6 +53,62 @@ def add_drift_parser(sub: argparse._SubParsersAction) -> None:
     comp.add_argument("--min-n", type=int, default=500, help="observations needed (500)")
     comp.add_argument("--json", action="store_true", help="print one JSON object")
     comp.set_defaults(func=_compute)
+    from server.cli.remote import client_args
+
+    rep = dsub.add_parser("report", help="the fleet's drift for a model version (from a server)")
+    rep.add_argument("--model", required=True)
+    rep.add_argument("--version", type=int, default=None, help="default: newest published")
+    scope = rep.add_mutually_exclusive_group()
+    scope.add_argument("--group", default=None)
+    scope.add_argument("--device", default=None)
+    rep.add_argument("--since", default=None, help="ISO time with a zone (window_end >= since)")
+    rep.add_argument("--until", default=None, help="ISO time with a zone (window_end < until)")
+    rep.add_argument("--min-n", type=int, default=None, help="observations needed (500)")
+    client_args(rep)
+    rep.set_defaults(func=_report)
+
+
+def add_alerts_parser(sub: argparse._SubParsersAction) -> None:
+    """Register ``edgefleet alerts``."""
+    from server.cli.remote import client_args
+
+    alerts = sub.add_parser("alerts", help="drift alerts kept by the server (docs/drift.md)")
+    asub = alerts.add_subparsers(dest="alerts_command", metavar="VERB", required=True)
+    ls = asub.add_parser("ls", help="list drift alerts, most severe first")
+    ls.add_argument("--model", default=None)
+    ls.add_argument("--level", choices=("ok", "warn", "alarm", "insufficient"), default=None)
+    ls.add_argument("--scope", default=None, help="fleet or device:ID")
+    ls.add_argument("--limit", type=int, default=100)
+    client_args(ls)
+    ls.set_defaults(func=_alerts_ls)
+
+
+def _alerts_ls(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from server.cli.remote import _api
+
+    def render(r: Mapping[str, Any]) -> None:
+        table = Table(title=f"drift alerts ({len(r['alerts'])} of {r['total']})",
+                      title_justify="left")  # fmt: skip
+        for col in ("id", "model", "scope", "subject", "level", "psi", "since", "note"):
+            table.add_column(col)
+        for a in r["alerts"]:
+            table.add_row(
+                str(a["id"]), f"{a['model']} v{a['version']}", a["scope"], a["subject"],
+                a["level"], "-" if a["last_psi"] is None else f"{a['last_psi']:.3f}",
+                a["since"] or "-", "under a fleet alert" if a["suppressed"] else "",
+            )  # fmt: skip
+        console.print(table)
+
+    def call(client: Any) -> int:
+        r = client.drift_alerts(
+            model=args.model, level=args.level, scope=args.scope, limit=args.limit
+        )
+        emit(r, args.json, render)
+        return 0
+
+    return int(_api(args, call))
 
 
 def _arrays(path: Path, only: str | None) -> dict[str, Any]:
@@ -122,6 +180,40 @@ def _compute(args: argparse.Namespace) -> int:
         return emit_error(type(exc).__name__, 1, str(exc), args.json)
     emit(result, args.json, _render)
     return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from server.cli.remote import _api
+
+    def call(client: Any) -> int:
+        r = client.drift_report(
+            args.model,
+            version=args.version,
+            group=args.group,
+            device_id=args.device,
+            since=args.since,
+            until=args.until,
+            min_n=args.min_n,
+        )
+        emit(r, args.json, _render_report)
+        return 0
+
+    return int(_api(args, call))
+
+
+def _render_report(r: Mapping[str, Any]) -> None:
+    console.print(
+        f"{r['model']} v{r['version']} ({r['scope']}): [bold]{r['status']}[/] "
+        f"from {r['records']} record(s)"
+    )
+    _render({"features": r["features"], "channels": [], "dataset_drift": r["status"] == "alarm"})
+    for device, d in sorted(r["devices"].items()):
+        flagged = [f["name"] for f in d["features"] if f["status"] in ("warn", "alarm")]
+        if flagged or d["outlier_features"]:
+            console.print(
+                f"  {device}: {d['status']}; drifting {', '.join(flagged) or '-'}; "
+                f"unlike the fleet {', '.join(d['outlier_features']) or '-'}"
+            )
 
 
 def _render(r: Mapping[str, Any]) -> None:

@@ -250,7 +250,7 @@ def test_server_init_creates_admin_token(tmp_path: Path, keys: Keys, capsys) -> 
     )
     assert main(["server", "init", "--config", str(config), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["token"].startswith("eft_") and out["schema_revision"] == "0003"
+    assert out["token"].startswith("eft_") and out["schema_revision"] == "0004"
     from server.api.app import create_app
     from server.settings import load_settings
 
@@ -261,3 +261,25 @@ def test_server_init_creates_admin_token(tmp_path: Path, keys: Keys, capsys) -> 
         me = client.get("/api/v1/whoami", headers={"Authorization": f"Bearer {out['token']}"})
         assert me.json()["role"] == "admin"
     app.state.engine.dispose()
+
+
+def test_drift_report_through_the_api(live: LiveServer, capsys) -> None:
+    import numpy as np
+
+    from tests.server.test_drift_report import publish_with_profile, window
+
+    profile = publish_with_profile(live.api)
+    rng = np.random.default_rng(3)
+    records = [window(profile, f"d{i}", 1, rng, {0: 1.5} if i == 0 else {}, 600) for i in range(4)]
+    with live.api.sessions() as s:
+        telemetry.ingest_batch(s, records)
+        s.commit()
+    code, out = run(capsys, live, "drift", "report", "--model", "fraud", role="viewer")
+    assert code == 0 and out["version"] == 1 and out["records"] == 4
+    assert out["devices"]["d0"]["features"][0]["status"] == "alarm"
+    assert out["devices"]["d0"]["outlier_features"] == ["amount"]
+    code, text = run(capsys, live, "drift", "report", "--model", "fraud", "--device", "d1",
+                     role="viewer", as_json=False)  # fmt: skip
+    assert code == 0 and "device:d1" in text and "amount" in text
+    code, out = run(capsys, live, "drift", "report", "--model", "nope", role="viewer")
+    assert code == 1 and out["status"] == 404

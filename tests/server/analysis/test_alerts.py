@@ -75,6 +75,9 @@ def test_one_broken_device_is_an_outlier_a_population_shift_is_not() -> None:
     verdicts = outliers(ref, fleet)
     assert verdicts["pi-broken"].status is Status.ALARM
     assert all(v.status is Status.OK for d, v in verdicts.items() if d != "pi-broken")
+    minority = {f"pi-{i}": device(1.0 if i < 3 else 0.0) for i in range(10)}
+    flagged = {d for d, v in outliers(ref, minority).items() if v.status is not Status.OK}
+    assert flagged == {"pi-0", "pi-1", "pi-2"}  # the median ignores a drifting minority
     shifted = {f"pi-{i}": device(1.0) for i in range(10)}  # everyone moved together
     assert all(v.status is Status.OK for v in outliers(ref, shifted).values())
     two = {"a": device(0.0), "b": device(2.0)}

@@ -1,0 +1,95 @@
+"""``GET /api/v1/drift`` and ``server.services.drift``: stored histograms to verdicts."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+
+import numpy as np
+
+from edgefleet.wire import FeatureCounts, ModelRef, TelemetryRecord
+from server.services import telemetry
+from tests.server.conftest import Api, onnx_model, run_jobs, upload
+
+FEATURES = 4
+
+
+def publish_with_profile(api: Api, name: str = "fraud") -> dict:
+    from compression.profiles import drift_reference
+
+    x = np.random.default_rng(0).normal(size=(5000, FEATURES)).astype(np.float32)
+    profile = drift_reference({"x": x}, ["amount", "hour", "distance", "age"])
+    files = {
+        "drift_reference": (
+            "drift_reference.json",
+            io.BytesIO(json.dumps(profile).encode()),
+            "application/json",
+        )
+    }
+    r = upload(api, name, onnx_model(features=FEATURES), version=1, files=files)
+    assert r.status_code == 202, r.text
+    assert run_jobs(api) == 1
+    return profile
+
+
+def window(profile: dict, device: str, seq: int, rng, shift: dict[int, float], rows: int):
+    x = rng.normal(size=(rows, FEATURES))
+    for column, by in shift.items():
+        x[:, column] += by
+    feats = []
+    for f in profile["features"]:
+        idx = np.searchsorted(f["edges"], x[:, f["index"]], side="right")
+        counts = tuple(np.bincount(idx, minlength=10).tolist())
+        feats.append(FeatureCounts("x", f["index"], f["name"], counts))
+    now = time.time()
+    return TelemetryRecord(device, seq, now - 60 + seq, now + seq, ModelRef("fraud", 1),
+                           predictions=rows, features=tuple(feats))  # fmt: skip
+
+
+def test_report_flags_the_shifted_feature_on_the_drifting_devices_only(api: Api) -> None:
+    profile = publish_with_profile(api)
+    rng = np.random.default_rng(1)
+    records = []
+    for device in ["pi-1", "pi-2", "pi-3", "pi-4", "pi-5", "pi-6"]:
+        shift = {2: 1.0} if device in ("pi-5", "pi-6") else {}
+        records += [window(profile, device, seq, rng, shift, 300) for seq in (1, 2)]
+    with api.sessions() as s:
+        telemetry.ingest_batch(s, records)
+        s.commit()
+    r = api.get("/api/v1/drift", role="viewer", params={"model": "fraud"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["version"] == 1 and body["records"] == 12 and body["scope"] == "fleet"
+    for device, d in body["devices"].items():
+        status = {f["name"]: f["status"] for f in d["features"]}
+        if device in ("pi-5", "pi-6"):
+            assert status == {"amount": "ok", "hour": "ok", "distance": "alarm", "age": "ok"}
+            assert d["outlier_features"] == ["distance"]
+        else:
+            assert set(status.values()) == {"ok"}, (device, status)
+            assert d["outlier_features"] == []
+    fleet = {f["name"]: f["status"] for f in body["features"]}
+    assert fleet["distance"] in ("warn", "alarm") and fleet["amount"] == "ok"
+    # one device: only its own windows
+    one = api.get("/api/v1/drift", role="viewer", params={"model": "fraud", "device_id": "pi-1"})
+    assert one.json()["scope"] == "device:pi-1" and list(one.json()["devices"]) == ["pi-1"]
+    # too little data is insufficient, never an alarm
+    few = api.get("/api/v1/drift", role="viewer", params={"model": "fraud", "min_n": 5000})
+    assert few.json()["status"] == "insufficient"
+
+
+def test_bad_requests_name_the_problem(api: Api) -> None:
+    assert api.get("/api/v1/drift", role="viewer", params={"model": "none"}).status_code == 404
+    upload(api, "bare", onnx_model(), version=1)
+    run_jobs(api)
+    r = api.get("/api/v1/drift", role="viewer", params={"model": "bare"})
+    assert r.status_code == 422 and "no drift reference" in r.json()["detail"]
+    r = api.get("/api/v1/drift", role="viewer",
+                params={"model": "bare", "group": "g", "device_id": "d"})  # fmt: skip
+    assert r.status_code == 422 and "not both" in r.json()["detail"]
+    r = api.get(
+        "/api/v1/drift", role="viewer", params={"model": "bare", "since": "2030-01-01T00:00:00"}
+    )
+    assert r.status_code == 422 and "timezone" in r.json()["detail"]
+    assert api.client.get("/api/v1/drift", params={"model": "bare"}).status_code == 401
