@@ -84,7 +84,12 @@ from compression.modelio import (
     validate_onnx,
     write_atomic,
 )
-from compression.profiles import drift_reference, health_check
+from compression.profiles import (
+    calibration_table,
+    drift_reference,
+    health_check,
+    output_reference,
+)
 from compression.progress import ProgressReporter
 from compression.prune import (
     FineTune,
@@ -539,8 +544,22 @@ def _write_outputs(
     health_path = out_dir / HEALTH_FILE
     write_atomic(health_path, _json_bytes(spec))
 
+    # The outputs' reference distribution (and, with labels, the calibration
+    # table) come from the shipped model on the evaluation data.
+    profile = drift_reference(calib_inputs, feature_names)
+    shipped = run_model(session, run.eval_inputs, config.eval_batch_size)
+    named = list(zip(onnx_output_names(final), shipped, strict=True))
+    outputs = output_reference(named)
+    if outputs:
+        profile["outputs"] = outputs
+        if run.labels is not None:
+            table = calibration_table(
+                named[outputs[0]["index"]][1], run.labels, outputs[0]["index"]
+            )
+            if table is not None:
+                profile["calibration"] = table
     drift_path = out_dir / DRIFT_FILE
-    write_atomic(drift_path, _json_bytes(drift_reference(calib_inputs, feature_names)))
+    write_atomic(drift_path, _json_bytes(profile))
 
     fp32_bytes = len(fp32_data)
     fp32_wire = wire_size(fp32_data, config.zstd_level)

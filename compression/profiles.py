@@ -191,3 +191,69 @@ def drift_reference(
                 }
             )
     return {"bins": DRIFT_BINS, "features": features, "channels": channels}
+
+
+CALIBRATION_BINS = 10  # equal-width confidence bins of the calibration table
+
+
+def _class_scores(array: np.ndarray) -> np.ndarray | None:
+    """Rows of class scores, as the device counts them: rank >= 2, 2-1024 columns."""
+    a = np.asarray(array)
+    if a.ndim < 2 or not 2 <= a.shape[-1] <= 1024 or a.dtype.kind not in "biuf":
+        return None
+    return a.reshape(-1, a.shape[-1])
+
+
+def output_reference(outputs: Sequence[tuple[str, np.ndarray]]) -> list[dict[str, Any]]:
+    """The reference distribution of the model's outputs on evaluation data.
+
+    For every output that looks like class scores (rank >= 2, 2-1024 columns:
+    the rule by which devices count ``classes`` in telemetry), the counts of
+    the predicted class (argmax of the last axis per row). Other outputs are
+    left out (devices send their moments only).
+    """
+    out = []
+    for index, (name, array) in enumerate(outputs):
+        rows = _class_scores(array)
+        if rows is None or index > 63:
+            continue
+        counts = np.bincount(np.argmax(rows, axis=1), minlength=rows.shape[1])
+        out.append({"index": index, "name": name, "kind": "classes",
+                    "counts": [int(c) for c in counts], "n": int(counts.sum())})  # fmt: skip
+    return out
+
+
+def calibration_table(
+    scores: np.ndarray, labels: np.ndarray, output_index: int = 0
+) -> dict[str, Any] | None:
+    """Confidence bin -> accuracy on the evaluation data, for confidence-based estimation.
+
+    Confidence is the top class probability: the scores when every row is a
+    probability vector (non-negative, summing to 1 within 1e-3), else their
+    softmax. ``CALIBRATION_BINS`` equal-width bins on [0, 1]; each records
+    its count, mean confidence and accuracy (None when empty). Returns None
+    when the output is not class scores or the labels do not fit.
+    """
+    rows = _class_scores(scores)
+    labels = np.asarray(labels).reshape(-1)
+    if rows is None or labels.shape[0] != rows.shape[0] or labels.dtype.kind not in "biu":
+        return None
+    x = rows.astype(np.float64)
+    if not (np.all(x >= 0) and np.allclose(x.sum(axis=1), 1.0, atol=1e-3)):
+        z = np.exp(x - x.max(axis=1, keepdims=True))
+        x = z / z.sum(axis=1, keepdims=True)
+    confidence = x.max(axis=1)
+    correct = np.argmax(x, axis=1) == labels
+    which = np.minimum((confidence * CALIBRATION_BINS).astype(np.int64), CALIBRATION_BINS - 1)
+    bins = []
+    for b in range(CALIBRATION_BINS):
+        mask = which == b
+        n = int(mask.sum())
+        bins.append({
+            "lo": b / CALIBRATION_BINS,
+            "hi": (b + 1) / CALIBRATION_BINS,
+            "n": n,
+            "confidence": float(confidence[mask].mean()) if n else None,
+            "accuracy": float(correct[mask].mean()) if n else None,
+        })  # fmt: skip
+    return {"output": output_index, "bins": bins}

@@ -435,12 +435,60 @@ def _check_profile_entry(e: Any, what: str, group: str, bins: int) -> None:
         raise _fail(f"{what}.expected must be {bins} non-negative proportions summing to 1")
 
 
+def _check_outputs(items: Any) -> None:
+    """``outputs``: the reference predicted-class counts per classifier output."""
+    if not isinstance(items, list) or len(items) > 64:
+        raise _fail("drift_reference.outputs must be a list of at most 64 entries")
+    for i, e in enumerate(items):
+        what = f"drift_reference.outputs[{i}]"
+        e = _obj(e, what)
+        if set(e) != {"index", "name", "kind", "counts", "n"} or e["kind"] != "classes":
+            raise _fail(f"{what} needs exactly index, name, kind ('classes'), counts and n")
+        _int(e["index"], f"{what}.index", 0, 63)
+        _str(e["name"], f"{what}.name")
+        counts = e["counts"]
+        if not isinstance(counts, list) or not 2 <= len(counts) <= 1024:
+            raise _fail(f"{what}.counts must be 2-1024 non-negative integers summing to n")
+        tallies = [_int(c, f"{what}.counts[]", 0, 1 << 50) for c in counts]
+        if sum(tallies) != _int(e["n"], f"{what}.n", 1, 1 << 50):
+            raise _fail(f"{what}.counts must be 2-1024 non-negative integers summing to n")
+
+
+def _check_calibration(d: Any) -> None:
+    """``calibration``: confidence bin -> accuracy on the evaluation data."""
+    d = _obj(d, "drift_reference.calibration")
+    if set(d) != {"output", "bins"}:
+        raise _fail("drift_reference.calibration needs exactly output and bins")
+    _int(d["output"], "drift_reference.calibration.output", 0, 63)
+    bins = d["bins"]
+    if not isinstance(bins, list) or not 1 <= len(bins) <= 100:
+        raise _fail("drift_reference.calibration.bins must be a list of 1-100 bins")
+    for i, b in enumerate(bins):
+        what = f"drift_reference.calibration.bins[{i}]"
+        b = _obj(b, what)
+        if set(b) != {"lo", "hi", "n", "confidence", "accuracy"}:
+            raise _fail(f"{what} needs exactly lo, hi, n, confidence and accuracy")
+        lo, hi = _finite(b["lo"], f"{what}.lo", 0.0, 1.0), _finite(b["hi"], f"{what}.hi", 0.0, 1.0)
+        if hi < lo:
+            raise _fail(f"{what}: hi must not be below lo")
+        n = _int(b["n"], f"{what}.n", 0, 1 << 50)
+        for key in ("confidence", "accuracy"):
+            if b[key] is None:
+                if n:
+                    raise _fail(f"{what}.{key} is null for a bin with {n} rows")
+            else:
+                _finite(b[key], f"{what}.{key}", 0.0, 1.0)
+
+
 def _check_drift(d: Any) -> dict[str, Any] | None:
     if d is None:
         return None
     d = _obj(d, "drift_reference")
-    if not set(d) <= {"bins", "features", "channels"}:
-        raise _fail("drift_reference has only bins, features and channels")
+    if not set(d) <= {"bins", "features", "channels", "outputs", "calibration"}:
+        raise _fail("drift_reference has only bins, features, channels, outputs and calibration")
+    _check_outputs(d.get("outputs", []))
+    if d.get("calibration") is not None:
+        _check_calibration(d["calibration"])
     bins = _int(d.get("bins"), "drift_reference.bins", 2, 100)
     for group in ("features", "channels"):
         items = d.get(group, [])

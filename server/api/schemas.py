@@ -275,7 +275,9 @@ class FeatureDrift(BaseModel):
 class DeviceDrift(BaseModel):
     status: DriftStatus
     features: list[FeatureDrift]
-    outlier_features: list[str] = Field(description="features where it differs from the fleet")
+    channels: list[FeatureDrift] = Field(description="image inputs: one histogram per channel")
+    outputs: list[FeatureDrift] = Field(description="classifier outputs: predicted classes")
+    outliers: list[str] = Field(description="features where it differs from the fleet")
     suppressed: list[str] = Field(description="its alerts that a scope-wide alert covers")
 
 
@@ -293,7 +295,7 @@ class DriftAlertPublic(BaseModel):
     version: int
     manifest_sha256: str
     scope: str = Field(description="fleet or device:ID")
-    subject: str = Field(description="feature:NAME")
+    subject: str = Field(description="feature:NAME, channel:INPUT[C] or output:NAME")
     level: DriftStatus
     since: str | None = Field(description="when the current level was entered")
     last_judged: str | None
@@ -320,6 +322,8 @@ class DriftReport(BaseModel):
     skipped_histograms: int = Field(description="histograms not on the reference's bins")
     status: DriftStatus
     features: list[FeatureDrift]
+    channels: list[FeatureDrift]
+    outputs: list[FeatureDrift] = Field(description="predicted-class drift per classifier output")
     devices: dict[str, DeviceDrift]
     thresholds: DriftThresholds
 

@@ -209,10 +209,10 @@ def _render_report(r: Mapping[str, Any]) -> None:
     _render({"features": r["features"], "channels": [], "dataset_drift": r["status"] == "alarm"})
     for device, d in sorted(r["devices"].items()):
         flagged = [f["name"] for f in d["features"] if f["status"] in ("warn", "alarm")]
-        if flagged or d["outlier_features"]:
+        if flagged or d["outliers"]:
             console.print(
                 f"  {device}: {d['status']}; drifting {', '.join(flagged) or '-'}; "
-                f"unlike the fleet {', '.join(d['outlier_features']) or '-'}"
+                f"unlike the fleet {', '.join(d['outliers']) or '-'}"
             )
 
 

@@ -5,7 +5,8 @@ Flow of ``evaluate(session, thresholds, now)``, run by the drift worker
 
 1. For every published model version with a drift reference, the alert rows
    of its manifest digest are loaded (one per scope and subject: ``fleet`` or
-   ``device:ID``, ``feature:NAME``).
+   ``device:ID``; ``feature:NAME``, ``channel:INPUT[C]`` or ``output:NAME``
+   for a classifier output's predicted classes).
 2. Telemetry of that version that *arrived* since the oldest alert's
    ``pending_since`` is read once; each record's feature counts are added to
    the device's cell and to the fleet's cell of that feature, when they
@@ -32,12 +33,20 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from server.analysis.alerts import AlertState, Window, advance
-from server.analysis.drift import FeatureVerdict, Observed, judge, judge_family
+from server.analysis.drift import (
+    FeatureVerdict,
+    Observed,
+    SubjectKey,
+    judge_family,
+    judge_many,
+    record_histograms,
+    subject_of,
+)
 from server.analysis.verdict import Status, Thresholds
 from server.errors import InvalidInputError
 from server.models import DriftAlert, Model, ModelVersion, TelemetryRow
 from server.services import audit
-from server.services.drift import FeatureKey, reference_of
+from server.services.drift import reference_of
 from server.services.registry.catalog import STATUS_PUBLISHED
 
 __all__ = ["EvaluationSummary", "evaluate", "list_alerts", "present"]
@@ -55,10 +64,6 @@ class EvaluationSummary:
     judged: int = 0
     pooling: int = 0  # cells still below min_n
     transitions: int = 0
-
-
-def _subject(name: str) -> str:
-    return f"feature:{name}"
 
 
 def evaluate(
@@ -86,7 +91,7 @@ def _evaluate_version(
     session: Session,
     version: ModelVersion,
     digest: str,
-    refs: dict[FeatureKey, Any],
+    refs: dict[SubjectKey, Any],
     t: Thresholds,
     now: datetime,
     summary: EvaluationSummary,
@@ -99,7 +104,7 @@ def _evaluate_version(
     # Every device and feature seen before has an alert row (created when its
     # records were first read), so nothing older than the oldest window is needed.
     start = min((a.pending_since for a in rows.values()), default=_EPOCH)
-    sums: dict[tuple[str, FeatureKey], list[int]] = {}
+    sums: dict[tuple[str, SubjectKey], list[int]] = {}
     query = (
         select(TelemetryRow.device_id, TelemetryRow.received_at, TelemetryRow.record)
         .where(
@@ -112,39 +117,46 @@ def _evaluate_version(
     )
     for device_id, received_at, record in session.execute(query):
         summary.records += 1
-        for f in record.get("features") or []:
-            key = (str(f.get("input")), int(f.get("index", -1)))
+        for key, counts, nonfinite in record_histograms(record):
             ref = refs.get(key)
-            counts = f.get("counts") or []
             if ref is None or len(counts) != ref.bins:
                 continue
             for scope in (f"device:{device_id}", FLEET):
-                alert = rows.get((scope, _subject(ref.name)))
+                alert = rows.get((scope, subject_of(key, ref)))
                 if alert is not None and received_at < alert.pending_since:
                     continue
                 acc = sums.setdefault((scope, key), [0] * (ref.bins + 1))
                 for i, c in enumerate(counts):
                     acc[i] += int(c)
-                acc[-1] += int(f.get("nonfinite", 0))
+                acc[-1] += nonfinite
     cells = [(scope, key, Observed(tuple(v[:-1]), v[-1])) for (scope, key), v in sums.items()]
-    verdicts: dict[tuple[str, FeatureKey], FeatureVerdict] = {}
+    verdicts: dict[tuple[str, SubjectKey], FeatureVerdict] = {}
     for family in (
         [c for c in cells if c[0] != FLEET],
         [c for c in cells if c[0] == FLEET],
     ):
-        judged = judge_family([judge(refs[key], obs, t) for _, key, obs in family], t.fdr_q)
+        by_key: dict[SubjectKey, list[int]] = {}
+        for i, (_, key, _) in enumerate(family):
+            by_key.setdefault(key, []).append(i)
+        raw: list[FeatureVerdict | None] = [None] * len(family)
+        for key, idx in by_key.items():  # one vectorized pass per feature
+            for i, v in zip(
+                idx, judge_many(refs[key], [family[i][2] for i in idx], t), strict=True
+            ):
+                raw[i] = v
+        judged = judge_family([v for v in raw if v is not None], t.fdr_q)
         for (scope, key, _), v in zip(family, judged, strict=True):
             verdicts[(scope, key)] = v
     for (scope, key), v in sorted(verdicts.items()):
         ref = refs[key]
-        alert = rows.get((scope, _subject(ref.name)))
+        alert = rows.get((scope, subject_of(key, ref)))
         if alert is None:
             alert = DriftAlert(
                 model_name=model_name,
                 model_version=version.version,
                 manifest_sha256=digest,
                 scope=scope,
-                subject=_subject(ref.name),
+                subject=subject_of(key, ref),
                 level=Status.INSUFFICIENT.value,
                 state=AlertState(digest).to_dict(),
                 pending_since=_EPOCH,
@@ -158,10 +170,10 @@ def _evaluate_version(
             alert.updated_at = now
             continue
         summary.judged += 1
-        c = v.comparison
+        comp = v.comparison
         state, transitions = advance(
             AlertState.from_dict(alert.state),
-            Window(v.status, None if c is None else c.psi, v.warn_at, v.alarm_at, digest,
+            Window(v.status, None if comp is None else comp.psi, v.warn_at, v.alarm_at, digest,
                    now.timestamp()),
         )  # fmt: skip
         alert.state = state.to_dict()
@@ -188,7 +200,7 @@ def _evaluate_version(
                     "from": tr.before.value,
                     "to": tr.after.value,
                     "reason": tr.reason,
-                    "psi": None if c is None else round(c.psi, 6),
+                    "psi": None if comp is None else round(comp.psi, 6),
                 },
                 now=now,
             )

@@ -30,11 +30,15 @@ from server.analysis.drift import (
     FeatureVerdict,
     Observed,
     ReferenceHistogram,
+    SubjectKey,
     judge,
     judge_family,
+    judge_many,
     outliers,
     pool,
-    references_from_profile,
+    profile_references,
+    record_histograms,
+    subject_of,
 )
 from server.analysis.verdict import Status, Thresholds, worst
 from server.errors import InvalidInputError, NotFoundError
@@ -42,8 +46,6 @@ from server.models import DeviceGroup, Model, ModelVersion, TelemetryRow
 from server.services.registry.catalog import STATUS_PUBLISHED, get_version
 
 __all__ = ["latest_published", "reference_of", "report"]
-
-FeatureKey = tuple[str, int]  # (input, column index)
 
 
 def latest_published(session: Session, model: str) -> ModelVersion:
@@ -66,7 +68,7 @@ def latest_published(session: Session, model: str) -> ModelVersion:
 
 def reference_of(
     version: ModelVersion, thresholds: Thresholds
-) -> tuple[str, dict[FeatureKey, ReferenceHistogram]]:
+) -> tuple[str, dict[SubjectKey, ReferenceHistogram]]:
     """The manifest digest and the reference histograms of a published version.
 
     Raises:
@@ -79,14 +81,13 @@ def reference_of(
     except EdgefleetError as exc:  # stored after verification: defence in depth
         raise InvalidInputError(f"the stored manifest does not parse: {exc}") from exc
     profile = manifest.drift_reference
-    if not profile or not profile.get("features"):
+    refs = profile_references(profile, thresholds) if profile else {}
+    if not refs:
         raise InvalidInputError(
-            f"{manifest.name} v{manifest.version} carries no drift reference features "
+            f"{manifest.name} v{manifest.version} carries no drift reference "
             "(build it from calibration data: edgefleet compress, or edgefleet drift profile)"
         )
-    refs = references_from_profile(profile, thresholds)
-    keys = [(str(f["input"]), int(f["index"])) for f in profile["features"]]
-    return version.manifest_sha256, dict(zip(keys, refs, strict=True))
+    return version.manifest_sha256, refs
 
 
 def _rows(
@@ -115,30 +116,31 @@ def _rows(
 
 
 def device_histograms(
-    rows: Iterator[TelemetryRow], refs: dict[FeatureKey, ReferenceHistogram]
-) -> tuple[dict[str, dict[FeatureKey, Observed]], int, int]:
-    """Per device and feature, the summed counts; and (records read, histograms skipped)."""
-    sums: dict[str, dict[FeatureKey, list[int]]] = {}
+    rows: Iterator[TelemetryRow], refs: dict[SubjectKey, ReferenceHistogram]
+) -> tuple[dict[str, dict[SubjectKey, Observed]], int, int]:
+    """Per device and subject, the summed counts; and (records read, histograms skipped)."""
+    sums: dict[str, dict[SubjectKey, list[int]]] = {}
     records = skipped = 0
     for row in rows:
         records += 1
         per = sums.setdefault(row.device_id, {})
-        for f in row.record.get("features") or []:
-            key = (str(f.get("input")), int(f.get("index", -1)))
+        for key, counts, nonfinite in record_histograms(row.record):
             ref = refs.get(key)
-            counts = f.get("counts") or []
             if ref is None or len(counts) != ref.bins:
                 skipped += 1
                 continue
             acc = per.setdefault(key, [0] * (ref.bins + 1))
             for i, c in enumerate(counts):
                 acc[i] += int(c)
-            acc[-1] += int(f.get("nonfinite", 0))
+            acc[-1] += nonfinite
     out = {
         device: {k: Observed(tuple(v[:-1]), v[-1]) for k, v in per.items()}
         for device, per in sums.items()
     }
     return out, records, skipped
+
+
+KINDS = (("feature", "features"), ("channel", "channels"), ("output", "outputs"))
 
 
 def report(
@@ -171,36 +173,45 @@ def report(
         _rows(session, model, row.version, group=group, device=device, since=since, until=until),
         refs,
     )
-    empty = Observed((0,) * next(iter(refs.values())).bins)
     keys = list(refs)
     devices = sorted(per_device)
-    # Every (device, feature) of this evaluation is one BH family.
-    cells = [(d, k, judge(refs[k], per_device[d].get(k, empty), t)) for d in devices for k in keys]
+
+    def empty(k: SubjectKey) -> Observed:
+        return Observed((0,) * refs[k].bins)
+
+    # Every (device, subject) of this evaluation is one BH family.
+    per_key = {
+        k: judge_many(refs[k], [per_device[d].get(k, empty(k)) for d in devices], t) for k in keys
+    }
+    cells = [(d, k, per_key[k][i]) for i, d in enumerate(devices) for k in keys]
     judged = judge_family([v for _, _, v in cells], t.fdr_q)
-    by_device: dict[str, list[FeatureVerdict]] = {d: [] for d in devices}
-    for (d, _, _), v in zip(cells, judged, strict=True):
-        by_device[d].append(v)
-    pooled = judge_family(
+    by_device: dict[str, dict[SubjectKey, FeatureVerdict]] = {d: {} for d in devices}
+    for (d, k, _), v in zip(cells, judged, strict=True):
+        by_device[d][k] = v
+    pooled_list = judge_family(
         [
-            judge(
-                refs[k],
-                pool([per_device[d].get(k, empty) for d in devices]) if devices else empty,
-                t,
-            )
+            judge(refs[k], pool([per_device[d].get(k, empty(k)) for d in devices]), t)
+            if devices
+            else judge(refs[k], empty(k), t)
             for k in keys
         ],
         t.fdr_q,
     )
+    pooled = dict(zip(keys, pooled_list, strict=True))
     outlying: dict[str, list[str]] = {d: [] for d in devices}
     if device is None:
         for k in keys:
-            for d, v in outliers(
-                refs[k], {d: per_device[d].get(k, empty) for d in devices}, t
-            ).items():
+            cells_k = {d: per_device[d].get(k, empty(k)) for d in devices}
+            for d, v in outliers(refs[k], cells_k, t).items():
                 if v.status in (Status.WARN, Status.ALARM):
-                    outlying[d].append(refs[k].name)
+                    outlying[d].append(subject_of(k, refs[k]))
     scope = f"device:{device}" if device else f"group:{group}" if group else "fleet"
-    fleet_status = worst([v.status for v in pooled])
+
+    def sections(verdicts: dict[SubjectKey, FeatureVerdict]) -> dict[str, list[dict[str, Any]]]:
+        return {
+            plural: [verdicts[k].to_dict() for k in keys if k[0] == kind] for kind, plural in KINDS
+        }
+
     return {
         "model": model,
         "version": row.version,
@@ -210,19 +221,19 @@ def report(
         "until": until.isoformat() if until else None,
         "records": records,
         "skipped_histograms": skipped,
-        "status": fleet_status.value,
-        "features": [v.to_dict() for v in pooled],
+        "status": worst([v.status for v in pooled.values()]).value,
+        **sections(pooled),
         "devices": {
             d: {
-                "status": worst([v.status for v in by_device[d]]).value,
-                "features": [v.to_dict() for v in by_device[d]],
-                "outlier_features": outlying[d],
-                # a device alert under a fleet alert on the same feature is not news
+                "status": worst([v.status for v in by_device[d].values()]).value,
+                **sections(by_device[d]),
+                "outliers": outlying[d],
+                # a device verdict under a scope verdict at least as severe is not news
                 "suppressed": [
-                    v.name
-                    for v, f in zip(by_device[d], pooled, strict=True)
+                    subject_of(k, refs[k])
+                    for k, v in by_device[d].items()
                     if v.status in (Status.WARN, Status.ALARM)
-                    and f.status.severity >= v.status.severity
+                    and pooled[k].status.severity >= v.status.severity
                 ],
             }
             for d in devices

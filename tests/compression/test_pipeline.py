@@ -108,6 +108,16 @@ def test_drift_reference_profiles_each_feature(auto_run):
     ref = json.loads((out / "drift_reference.json").read_text())
     assert ref["bins"] == 10 and len(ref["features"]) == 16 and ref["channels"] == []
     assert all(len(f["edges"]) == 9 for f in ref["features"])
+    # The shipped model's predicted classes on EVAL, and its calibration table.
+    (outputs,) = ref["outputs"]
+    assert outputs["kind"] == "classes" and outputs["name"] == "output"
+    assert sum(outputs["counts"]) == outputs["n"] > 0
+    calibration = ref["calibration"]
+    assert calibration["output"] == 0 and len(calibration["bins"]) == 10
+    assert sum(b["n"] for b in calibration["bins"]) == outputs["n"]
+    from edgefleet.manifest import validate_drift_reference
+
+    assert validate_drift_reference(ref) == ref
 
 
 def test_gate_rejects_candidate_that_drops_too_much(tmp_path, mlp, mlp_arrays):

@@ -120,3 +120,30 @@ def test_drift_reference_records_its_counts_for_the_drift_statistics():
     from edgefleet.manifest import validate_drift_reference
 
     assert validate_drift_reference(profile) is profile
+
+
+def test_output_reference_counts_predicted_classes_like_the_device():
+    from compression.profiles import output_reference
+
+    scores = np.array([[0.1, 0.9], [0.8, 0.2], [0.3, 0.7]], np.float32)
+    regression = np.zeros((3, 1), np.float32)
+    labels = np.array([1, 0, 1])
+    ref = output_reference([("probs", scores), ("value", regression), ("ids", labels)])
+    assert ref == [{"index": 0, "name": "probs", "kind": "classes", "counts": [1, 2], "n": 3}]
+
+
+def test_calibration_table_bins_confidence_and_accuracy():
+    from compression.profiles import calibration_table
+
+    probs = np.array([[0.95, 0.05], [0.9, 0.1], [0.45, 0.55], [0.6, 0.4]], np.float64)
+    labels = np.array([0, 1, 1, 0])
+    table = calibration_table(probs, labels)
+    assert table is not None and table["output"] == 0
+    by_bin = {b["lo"]: b for b in table["bins"] if b["n"]}
+    assert by_bin[0.9]["n"] == 2 and by_bin[0.9]["accuracy"] == 0.5  # 0.95 right, 0.9 wrong
+    assert by_bin[0.5]["n"] == 1 and by_bin[0.5]["accuracy"] == 1.0
+    assert by_bin[0.6]["n"] == 1 and by_bin[0.6]["confidence"] == pytest.approx(0.6)
+    logits = np.log(probs)  # not probabilities: softmax recovers them
+    assert calibration_table(logits, labels) == table
+    assert calibration_table(probs, labels[:3]) is None
+    assert calibration_table(np.zeros((4, 1)), labels) is None

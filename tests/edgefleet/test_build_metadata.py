@@ -137,6 +137,35 @@ def test_drift_reference_entries_are_strict(entry: dict[str, object], needle: st
         validate_drift_reference({"bins": 10, "features": [entry], "channels": []})
 
 
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        ({"outputs": [{"index": 0, "name": "p", "kind": "scores", "counts": [1, 1], "n": 2}]},
+         "'classes'"),
+        ({"outputs": [{"index": 0, "name": "p", "kind": "classes", "counts": [1], "n": 1}]},
+         "2-1024"),
+        ({"outputs": [{"index": 0, "name": "p", "kind": "classes", "counts": [1, 2], "n": 4}]},
+         "summing to n"),
+        ({"outputs": [{"index": 64, "name": "p", "kind": "classes", "counts": [1, 1], "n": 2}]},
+         "index"),
+        ({"calibration": {"output": 0, "bins": []}}, "1-100 bins"),
+        ({"calibration": {"output": 0, "bins": [
+            {"lo": 0.5, "hi": 0.4, "n": 1, "confidence": 0.45, "accuracy": 1.0}]}}, "hi"),
+        ({"calibration": {"output": 0, "bins": [
+            {"lo": 0.0, "hi": 0.1, "n": 3, "confidence": None, "accuracy": 1.0}]}}, "null"),
+        ({"calibration": {"output": 0, "bins": [
+            {"lo": 0.0, "hi": 0.1, "n": 3, "confidence": 0.05, "accuracy": 1.5}]}}, "accuracy"),
+        ({"extra": 1}, "has only"),
+    ],
+)  # fmt: skip
+def test_drift_reference_outputs_and_calibration_are_strict(extra: dict, needle: str) -> None:
+    from edgefleet.errors import MalformedBundleError
+    from edgefleet.manifest import validate_drift_reference
+
+    with pytest.raises(MalformedBundleError, match=needle):
+        validate_drift_reference({"bins": 10, "features": [_entry()], **extra})
+
+
 def test_drift_reference_entries_may_carry_their_counts() -> None:
     from edgefleet.manifest import validate_drift_reference
 

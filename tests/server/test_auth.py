@@ -48,6 +48,8 @@ EXPECTED: dict[tuple[str, str], Permission | None] = {
     ("GET", "/api/v1/groups/{group}/desired"): P.READ,
     ("DELETE", "/api/v1/groups/{group}/desired"): P.OPERATE,
     ("GET", "/api/v1/telemetry"): P.READ,
+    ("GET", "/api/v1/drift"): P.READ,
+    ("GET", "/api/v1/drift/alerts"): P.READ,
     ("GET", "/api/v1/audit"): P.ADMIN,
     ("GET", "/api/v1/audit/verify"): P.ADMIN,
 }

@@ -277,7 +277,7 @@ def test_drift_report_through_the_api(live: LiveServer, capsys) -> None:
     code, out = run(capsys, live, "drift", "report", "--model", "fraud", role="viewer")
     assert code == 0 and out["version"] == 1 and out["records"] == 4
     assert out["devices"]["d0"]["features"][0]["status"] == "alarm"
-    assert out["devices"]["d0"]["outlier_features"] == ["amount"]
+    assert out["devices"]["d0"]["outliers"] == ["feature:amount"]
     code, text = run(capsys, live, "drift", "report", "--model", "fraud", "--device", "d1",
                      role="viewer", as_json=False)  # fmt: skip
     assert code == 0 and "device:d1" in text and "amount" in text

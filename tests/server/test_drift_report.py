@@ -15,11 +15,15 @@ from tests.server.conftest import Api, onnx_model, run_jobs, upload
 FEATURES = 4
 
 
-def publish_with_profile(api: Api, name: str = "fraud") -> dict:
+def publish_with_profile(api: Api, name: str = "fraud", *, outputs: bool = False) -> dict:
     from compression.profiles import drift_reference
 
     x = np.random.default_rng(0).normal(size=(5000, FEATURES)).astype(np.float32)
     profile = drift_reference({"x": x}, ["amount", "hour", "distance", "age"])
+    if outputs:  # the predicted classes of the 3-class model on evaluation data
+        profile["outputs"] = [
+            {"index": 0, "name": "y", "kind": "classes", "counts": [2500, 1500, 1000], "n": 5000}
+        ]
     files = {
         "drift_reference": (
             "drift_reference.json",
@@ -65,10 +69,10 @@ def test_report_flags_the_shifted_feature_on_the_drifting_devices_only(api: Api)
         status = {f["name"]: f["status"] for f in d["features"]}
         if device in ("pi-5", "pi-6"):
             assert status == {"amount": "ok", "hour": "ok", "distance": "alarm", "age": "ok"}
-            assert d["outlier_features"] == ["distance"]
+            assert d["outliers"] == ["feature:distance"]
         else:
             assert set(status.values()) == {"ok"}, (device, status)
-            assert d["outlier_features"] == []
+            assert d["outliers"] == []
     fleet = {f["name"]: f["status"] for f in body["features"]}
     assert fleet["distance"] in ("warn", "alarm") and fleet["amount"] == "ok"
     # one device: only its own windows
@@ -93,3 +97,29 @@ def test_bad_requests_name_the_problem(api: Api) -> None:
     )
     assert r.status_code == 422 and "timezone" in r.json()["detail"]
     assert api.client.get("/api/v1/drift", params={"model": "bare"}).status_code == 401
+
+
+def test_output_drift_from_predicted_class_counts(api: Api) -> None:
+    from edgefleet.wire import OutputSummary
+
+    profile = publish_with_profile(api, outputs=True)
+    rng = np.random.default_rng(4)
+    records = []
+    for i, device in enumerate(["pi-1", "pi-2", "pi-3", "pi-4"]):
+        shares = [0.2, 0.2, 0.6] if device == "pi-4" else [0.5, 0.3, 0.2]
+        classes = tuple(rng.multinomial(1000, shares).tolist())
+        base = window(profile, device, 1, rng, {}, 1000)
+        out = OutputSummary(0, 1000, 0.3, 0.1, 0.0, 1.0, classes)
+        records.append(
+            TelemetryRecord(device, 1 + i, base.window_start, base.window_end, base.model,
+                            predictions=1000, features=base.features, outputs=(out,))
+        )  # fmt: skip
+    with api.sessions() as s:
+        telemetry.ingest_batch(s, records)
+        s.commit()
+    body = api.get("/api/v1/drift", role="viewer", params={"model": "fraud"}).json()
+    statuses = {d: v["outputs"][0]["status"] for d, v in body["devices"].items()}
+    assert statuses == {"pi-1": "ok", "pi-2": "ok", "pi-3": "ok", "pi-4": "alarm"}
+    assert body["devices"]["pi-4"]["outputs"][0]["name"] == "y"
+    assert "output:y" in body["devices"]["pi-4"]["outliers"]
+    assert body["devices"]["pi-1"]["channels"] == []
