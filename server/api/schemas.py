@@ -272,11 +272,23 @@ class FeatureDrift(BaseModel):
     fdr_passed: bool | None
 
 
+class Quality(BaseModel):
+    """Accuracy from feedback labels (label vs the class the model predicted)."""
+
+    labelled: int
+    correct: int
+    unscored: int = Field(description="labels that are not class ids, or without a prediction")
+    accuracy: float | None
+    wilson_low: float | None = Field(description="95% Wilson interval")
+    wilson_high: float | None
+
+
 class DeviceDrift(BaseModel):
     status: DriftStatus
     features: list[FeatureDrift]
     channels: list[FeatureDrift] = Field(description="image inputs: one histogram per channel")
     outputs: list[FeatureDrift] = Field(description="classifier outputs: predicted classes")
+    quality: Quality
     outliers: list[str] = Field(description="features where it differs from the fleet")
     suppressed: list[str] = Field(description="its alerts that a scope-wide alert covers")
 
@@ -324,6 +336,7 @@ class DriftReport(BaseModel):
     features: list[FeatureDrift]
     channels: list[FeatureDrift]
     outputs: list[FeatureDrift] = Field(description="predicted-class drift per classifier output")
+    quality: Quality
     devices: dict[str, DeviceDrift]
     thresholds: DriftThresholds
 

@@ -7,7 +7,8 @@ group or device) are read and their per-feature counts summed per device
 (histograms on identical edges add up) -> every (device, feature) is judged
 and one Benjamini-Hochberg step runs across all of them; the pooled scope
 (fleet, group or one device) is judged per feature with its own step; each
-device is compared with the rest of the fleet (``outliers``) -> the report.
+device is compared with the rest of the fleet (``outliers``); feedback
+labels give the accuracy (``server.analysis.quality``) -> the report.
 
 Invariants: read-only (nothing is written; alerts are the worker's job);
 records whose counts are not on the reference's bins (another profile) are
@@ -40,6 +41,7 @@ from server.analysis.drift import (
     record_histograms,
     subject_of,
 )
+from server.analysis.quality import Accuracy, tally
 from server.analysis.verdict import Status, Thresholds, worst
 from server.errors import InvalidInputError, NotFoundError
 from server.models import DeviceGroup, Model, ModelVersion, TelemetryRow
@@ -116,14 +118,22 @@ def _rows(
 
 
 def device_histograms(
-    rows: Iterator[TelemetryRow], refs: dict[SubjectKey, ReferenceHistogram]
+    rows: Iterator[TelemetryRow],
+    refs: dict[SubjectKey, ReferenceHistogram],
+    quality: dict[str, Accuracy] | None = None,
 ) -> tuple[dict[str, dict[SubjectKey, Observed]], int, int]:
-    """Per device and subject, the summed counts; and (records read, histograms skipped)."""
+    """Per device and subject, the summed counts; and (records read, histograms skipped).
+
+    When ``quality`` is given, each device's feedback labels are scored into it.
+    """
     sums: dict[str, dict[SubjectKey, list[int]]] = {}
     records = skipped = 0
     for row in rows:
         records += 1
         per = sums.setdefault(row.device_id, {})
+        if quality is not None:
+            scored = tally(row.record.get("feedback") or [])
+            quality[row.device_id] = quality.get(row.device_id, Accuracy(0, 0)) + scored
         for key, counts, nonfinite in record_histograms(row.record):
             ref = refs.get(key)
             if ref is None or len(counts) != ref.bins:
@@ -169,9 +179,11 @@ def report(
         else get_version(session, model, version)
     )
     digest, refs = reference_of(row, t)
+    quality: dict[str, Accuracy] = {}
     per_device, records, skipped = device_histograms(
         _rows(session, model, row.version, group=group, device=device, since=since, until=until),
         refs,
+        quality,
     )
     keys = list(refs)
     devices = sorted(per_device)
@@ -223,10 +235,12 @@ def report(
         "skipped_histograms": skipped,
         "status": worst([v.status for v in pooled.values()]).value,
         **sections(pooled),
+        "quality": sum(quality.values(), Accuracy(0, 0)).to_dict(),
         "devices": {
             d: {
                 "status": worst([v.status for v in by_device[d].values()]).value,
                 **sections(by_device[d]),
+                "quality": quality.get(d, Accuracy(0, 0)).to_dict(),
                 "outliers": outlying[d],
                 # a device verdict under a scope verdict at least as severe is not news
                 "suppressed": [

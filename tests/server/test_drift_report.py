@@ -122,4 +122,29 @@ def test_output_drift_from_predicted_class_counts(api: Api) -> None:
     assert statuses == {"pi-1": "ok", "pi-2": "ok", "pi-3": "ok", "pi-4": "alarm"}
     assert body["devices"]["pi-4"]["outputs"][0]["name"] == "y"
     assert "output:y" in body["devices"]["pi-4"]["outliers"]
+    assert body["quality"]["labelled"] == 0 and body["quality"]["accuracy"] is None
     assert body["devices"]["pi-1"]["channels"] == []
+
+
+def test_accuracy_from_feedback_labels(api: Api) -> None:
+    from edgefleet.wire import Feedback
+
+    profile = publish_with_profile(api)
+    rng = np.random.default_rng(5)
+    records = []
+    for i, (device, right) in enumerate([("pi-1", 90), ("pi-2", 60)]):
+        base = window(profile, device, 1, rng, {}, 100)
+        labels = tuple(Feedback(k, 1, 1 if k < right else 0) for k in range(100))
+        records.append(
+            TelemetryRecord(device, 1 + i, base.window_start, base.window_end, base.model,
+                            predictions=100, features=base.features, feedback=labels)
+        )  # fmt: skip
+    with api.sessions() as s:
+        telemetry.ingest_batch(s, records)
+        s.commit()
+    body = api.get("/api/v1/drift", role="viewer", params={"model": "fraud"}).json()
+    assert body["devices"]["pi-1"]["quality"]["accuracy"] == 0.9
+    assert body["devices"]["pi-2"]["quality"]["correct"] == 60
+    q = body["quality"]
+    assert (q["labelled"], q["correct"], q["accuracy"]) == (200, 150, 0.75)
+    assert q["wilson_low"] < 0.75 < q["wilson_high"]

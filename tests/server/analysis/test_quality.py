@@ -1,0 +1,41 @@
+"""Accuracy from feedback labels, with its Wilson interval and verdict."""
+
+from __future__ import annotations
+
+import pytest
+
+from server.analysis.quality import Accuracy, accuracy, judge, tally
+from server.analysis.verdict import Status
+
+
+def test_tally_scores_class_labels_against_the_prediction() -> None:
+    feedback = [
+        {"label": 1, "predicted": 1},
+        {"label": 0, "predicted": 1},
+        {"label": True, "predicted": 1},
+        {"label": "cat", "predicted": 1},  # not a class id
+        {"label": 2, "predicted": None},  # nothing to compare with
+        {"label": 0.5, "predicted": 0},
+    ]
+    a = tally(feedback)
+    assert (a.labelled, a.correct, a.unscored) == (3, 2, 3)
+    assert a.value == pytest.approx(2 / 3)
+    assert (a + Accuracy(1, 1)).to_dict()["correct"] == 3
+
+
+def test_wilson_interval() -> None:
+    low, high = accuracy(100, 90).interval() or (0, 0)
+    assert low == pytest.approx(0.8256, abs=1e-4) and high == pytest.approx(0.9448, abs=1e-4)
+    assert accuracy(0, 0).interval() is None and accuracy(0, 0).value is None
+    low, high = accuracy(10, 10).interval() or (0, 0)
+    assert high == pytest.approx(1.0) and 0.7 < low < 0.75
+    with pytest.raises(ValueError, match="correct"):
+        accuracy(3, 4)
+
+
+def test_judge_against_a_required_accuracy() -> None:
+    assert judge(accuracy(50, 10), 0.9)[0] is Status.INSUFFICIENT
+    assert judge(accuracy(1000, 950), 0.9)[0] is Status.OK
+    status, reason = judge(accuracy(1000, 890), 0.9)  # below, but the interval reaches 0.9
+    assert status is Status.WARN and "0.890" in reason
+    assert judge(accuracy(1000, 800), 0.9)[0] is Status.ALARM
