@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Any, cast
+from urllib.parse import quote
 
 import httpx
 
@@ -315,6 +316,26 @@ class ApiClient:
             if value is not None:
                 params[key] = value
         return cast(dict[str, Any], self.json("GET", "/drift/alerts", params=params))
+
+    def retrain_requests(self, *, model: str | None = None, limit: int = 100) -> dict[str, Any]:
+        """``GET /retrain-requests``."""
+        params: dict[str, Any] = {"limit": limit}
+        if model is not None:
+            params["model"] = model
+        return cast(dict[str, Any], self.json("GET", "/retrain-requests", params=params))
+
+    def retrain_request(self, request_id: str) -> dict[str, Any]:
+        """``GET /retrain-requests/{id}``."""
+        return cast(dict[str, Any], self.json("GET", f"/retrain-requests/{quote(request_id)}"))
+
+    def retrain_policy(self, model: str) -> dict[str, Any]:
+        """``GET /models/{name}/retrain-policy``."""
+        return cast(dict[str, Any], self.json("GET", f"/models/{quote(model)}/retrain-policy"))
+
+    def set_retrain_policy(self, model: str, policy: dict[str, Any]) -> dict[str, Any]:
+        """``PUT /models/{name}/retrain-policy``."""
+        path = f"/models/{quote(model)}/retrain-policy"
+        return cast(dict[str, Any], self.json("PUT", path, json=policy))
 
     def verify_audit(self) -> dict[str, Any]:
         """``GET /audit/verify``."""

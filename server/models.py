@@ -15,6 +15,9 @@ Data model:
   requeues the job when the lease runs out).
 * ``drift_alerts``: one row per (model digest, scope, subject) drift alert,
   its level and the persisted state of ``server.analysis.alerts``.
+* ``retrain_policies`` (one per model) and ``retrain_requests``: when a model
+  is due for retraining, and each request with its evidence, dataset export
+  and hook run.
 * ``leases``: one row per named lease (``server.workers.lease``): its holder,
   expiry and an ``epoch`` that grows on every change of holder and fences
   the holder's writes.
@@ -67,6 +70,8 @@ __all__ = [
     "Lease",
     "Model",
     "ModelVersion",
+    "RetrainPolicy",
+    "RetrainRequest",
     "TelemetryRow",
     "VersionSignature",
 ]
@@ -226,6 +231,38 @@ class DriftAlert(Base):
     last_judged: Mapped[datetime | None]
     last_reason: Mapped[str] = mapped_column(Text, default="")
     since: Mapped[datetime | None]  # when the current level was entered
+    updated_at: Mapped[datetime]
+
+
+class RetrainPolicy(Base):
+    __tablename__ = "retrain_policies"
+
+    model_name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    policy: Mapped[dict[str, Any]]  # server.analysis.retrain.Policy.to_dict()
+    updated_at: Mapped[datetime]
+    updated_by: Mapped[str] = mapped_column(String(128))
+
+
+class RetrainRequest(Base):
+    __tablename__ = "retrain_requests"
+    __table_args__ = (Index("ix_retrain_requests_model_created", "model_name", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    model_name: Mapped[str] = mapped_column(String(64))
+    model_version: Mapped[int] = mapped_column(BigInteger)
+    manifest_sha256: Mapped[str] = mapped_column(String(64))
+    profile_sha256: Mapped[str] = mapped_column(String(64))
+    reason: Mapped[str] = mapped_column(Text)
+    evidence: Mapped[dict[str, Any]]  # the trigger, every reason, the window
+    window_start: Mapped[datetime]
+    window_end: Mapped[datetime]
+    status: Mapped[str] = mapped_column(String(16))  # exported | hooked | hook_failed | no_hook
+    dataset_path: Mapped[str | None] = mapped_column(String(512))
+    dataset_sha256: Mapped[str | None] = mapped_column(String(64))
+    dataset_rows: Mapped[int] = mapped_column(BigInteger, default=0)
+    labelled_rows: Mapped[int] = mapped_column(BigInteger, default=0)
+    hook: Mapped[dict[str, Any]]  # {"command", "attempts": [{"exit", "output_tail", ...}]}
+    created_at: Mapped[datetime]
     updated_at: Mapped[datetime]
 
 

@@ -123,6 +123,17 @@ class Settings(BaseSettings):
     drift_min_n: int = Field(500, ge=1, le=10_000_000, description="observations per judged window")
     drift_psi_warn: float = Field(0.10, gt=0.0, le=10.0, description="PSI worth a warning")
     drift_psi_alarm: float = Field(0.25, gt=0.0, le=10.0, description="PSI that alarms")
+    retrain_hook: list[str] | None = Field(
+        None,
+        max_length=64,
+        description="command run for each retraining request (argv; the request's dataset "
+        "manifest path is appended); none: requests are only recorded and exported",
+    )
+    retrain_hook_timeout_seconds: float = Field(600.0, ge=1.0, le=86400.0, description="seconds")
+    retrain_hook_attempts: int = Field(3, ge=1, le=10, description="runs before giving up")
+    retrain_window_hours: float = Field(
+        24.0, ge=0.1, le=8760.0, description="telemetry exported and scored per request"
+    )
     bundle_expires_days: int = Field(90, ge=1, le=3650, description="default bundle lifetime")
     metrics_public: bool = Field(False, description="serve /metrics without a token")
     director_keys: list[Path] = Field(

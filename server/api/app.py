@@ -39,6 +39,7 @@ from server.api.routes import (
     drift,
     jobs,
     models,
+    retrain,
     system,
     telemetry,
     tokens,
@@ -152,7 +153,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> FastAPI:
             409,
         )
 
-    for module in (tokens, models, jobs, devices, deployments, telemetry, drift, audit):
+    for module in (tokens, models, jobs, devices, deployments, telemetry, drift, retrain, audit):
         app.include_router(module.router, prefix=API_PREFIX)
     app.include_router(system.public_router)
     app.include_router(system.open_metrics_router if settings.metrics_public else system.router)

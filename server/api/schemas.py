@@ -323,6 +323,45 @@ class DriftAlertList(BaseModel):
     total: int
 
 
+class RetrainPolicyBody(BaseModel):
+    """When a model is due for retraining (docs/drift.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    key_features: list[str] = Field(
+        default_factory=list, max_length=256, description="a PSI alarm on any of these fires"
+    )
+    on_outputs: bool = Field(True, description="an output drift alarm fires")
+    min_accuracy: float | None = Field(
+        None, ge=0.0, le=1.0, description="labelled accuracy below this fires"
+    )
+    min_labels: int = Field(200, ge=1, le=10_000_000, description="labels needed to judge it")
+    cooldown_s: float = Field(
+        86_400.0, ge=60, le=31_536_000, description="seconds between requests"
+    )
+    enabled: bool = True
+
+
+class RetrainRequestPublic(BaseModel):
+    id: str
+    model: str
+    version: int
+    manifest_sha256: str
+    profile_sha256: str
+    reason: str
+    evidence: dict[str, Any]
+    window: dict[str, str]
+    status: Literal["exported", "hooked", "hook_failed", "no_hook"]
+    dataset: dict[str, Any]
+    hook: dict[str, Any]
+    created_at: str
+    updated_at: str
+
+
+class RetrainRequestList(BaseModel):
+    requests: list[RetrainRequestPublic]
+
+
 class DriftReport(BaseModel):
     model: str
     version: int

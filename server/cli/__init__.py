@@ -30,7 +30,7 @@ import argparse
 from pathlib import Path
 
 from edgefleet.console import positive_int
-from server.cli.drift import add_alerts_parser, add_drift_parser
+from server.cli.drift import add_alerts_parser, add_drift_parser, add_retrain_parser
 from server.cli.ops import (
     _server_broker_config,
     _server_init,
@@ -70,6 +70,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register the server's verbs on the ``edgefleet`` command."""
     add_drift_parser(sub)
     add_alerts_parser(sub)
+    add_retrain_parser(sub)
     srv = sub.add_parser("server", help="run or bootstrap the edgefleet server")
     ssub = srv.add_subparsers(dest="server_command", metavar="VERB", required=True)
     run = ssub.add_parser("run", help="serve the REST API (uvicorn)")

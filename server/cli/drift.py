@@ -24,7 +24,7 @@ from typing import Any
 
 from edgefleet.console import console, emit, emit_error
 
-__all__ = ["add_alerts_parser", "add_drift_parser"]
+__all__ = ["add_alerts_parser", "add_drift_parser", "add_retrain_parser"]
 
 
 def add_drift_parser(sub: argparse._SubParsersAction) -> None:
@@ -81,6 +81,108 @@ def add_alerts_parser(sub: argparse._SubParsersAction) -> None:
     ls.add_argument("--limit", type=int, default=100)
     client_args(ls)
     ls.set_defaults(func=_alerts_ls)
+
+
+def add_retrain_parser(sub: argparse._SubParsersAction) -> None:
+    """Register ``edgefleet retrain``."""
+    from server.cli.remote import client_args
+
+    rt = sub.add_parser("retrain", help="retraining policies and requests (docs/drift.md)")
+    rsub = rt.add_subparsers(dest="retrain_command", metavar="VERB", required=True)
+    ls = rsub.add_parser("ls", help="retraining requests, newest first")
+    ls.add_argument("--model", default=None)
+    ls.add_argument("--limit", type=int, default=100)
+    client_args(ls)
+    ls.set_defaults(func=_retrain_ls)
+    show = rsub.add_parser("show", help="one request: reason, evidence, dataset, hook runs")
+    show.add_argument("id")
+    client_args(show)
+    show.set_defaults(func=_retrain_show)
+    pol = rsub.add_parser("policy", help="show, or set with any option, a model's policy")
+    pol.add_argument("--model", required=True)
+    pol.add_argument("--key-features", default=None, help="comma-separated feature names")
+    pol.add_argument("--on-outputs", choices=("yes", "no"), default=None)
+    pol.add_argument("--min-accuracy", type=float, default=None)
+    pol.add_argument("--min-labels", type=int, default=None)
+    pol.add_argument("--cooldown", type=float, default=None, help="seconds between requests")
+    pol.add_argument("--enabled", choices=("yes", "no"), default=None)
+    client_args(pol)
+    pol.set_defaults(func=_retrain_policy)
+
+
+def _retrain_ls(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from server.cli.remote import _api
+
+    def render(r: Mapping[str, Any]) -> None:
+        table = Table(title="retraining requests", title_justify="left")
+        for col in ("id", "model", "created", "status", "rows", "reason"):
+            table.add_column(col)
+        for q in r["requests"]:
+            table.add_row(q["id"], f"{q['model']} v{q['version']}", q["created_at"],
+                          q["status"], str(q["dataset"]["rows"]), q["reason"])  # fmt: skip
+        console.print(table)
+
+    def call(client: Any) -> int:
+        emit(client.retrain_requests(model=args.model, limit=args.limit), args.json, render)
+        return 0
+
+    return int(_api(args, call))
+
+
+def _retrain_show(args: argparse.Namespace) -> int:
+    from edgefleet.console import kv_table
+    from server.cli.remote import _api
+
+    def render(r: Mapping[str, Any]) -> None:
+        console.print(kv_table(f"retraining request {r['id']}", {
+            "model": f"{r['model']} v{r['version']}", "status": r["status"],
+            "reason": r["reason"], "window": f"{r['window']['start']} .. {r['window']['end']}",
+            "dataset": f"{r['dataset']['path']} ({r['dataset']['rows']} rows, "
+                       f"{r['dataset']['labelled_rows']} labelled)",
+            "hook runs": len(r["hook"].get("attempts", [])),
+        }))  # fmt: skip
+
+    def call(client: Any) -> int:
+        emit(client.retrain_request(args.id), args.json, render)
+        return 0
+
+    return int(_api(args, call))
+
+
+def _retrain_policy(args: argparse.Namespace) -> int:
+    from edgefleet.console import kv_table
+    from server.cli.remote import _api
+
+    changes: dict[str, Any] = {}
+    if args.key_features is not None:
+        changes["key_features"] = [f for f in args.key_features.split(",") if f]
+    for key, value in (("min_accuracy", args.min_accuracy), ("min_labels", args.min_labels),
+                       ("cooldown_s", args.cooldown)):  # fmt: skip
+        if value is not None:
+            changes[key] = value
+    for key, value in (("on_outputs", args.on_outputs), ("enabled", args.enabled)):
+        if value is not None:
+            changes[key] = value == "yes"
+
+    def call(client: Any) -> int:
+        if changes:
+            from server.client import ApiError
+
+            try:
+                current = client.retrain_policy(args.model)
+            except ApiError as exc:  # no policy yet: start from the defaults
+                if exc.status != 404:
+                    raise
+                current = {}
+            result = client.set_retrain_policy(args.model, {**current, **changes})
+        else:
+            result = client.retrain_policy(args.model)
+        emit(result, args.json, lambda r: console.print(kv_table(f"{args.model} policy", r)))
+        return 0
+
+    return int(_api(args, call))
 
 
 def _alerts_ls(args: argparse.Namespace) -> int:

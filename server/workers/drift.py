@@ -1,9 +1,11 @@
 """The drift evaluation loop: once per deployment, under the lease ``"drift"``.
 
-Every ``drift_interval_seconds`` the replica holding the lease runs
-``server.services.alerts.evaluate`` in one transaction fenced by the lease's
-epoch (a replica that lost the lease commits nothing). Never on the ingest
-path: ingest only stores records.
+Every ``drift_interval_seconds`` the replica holding the lease runs, in one
+transaction fenced by the lease's epoch (a replica that lost the lease
+commits nothing), ``server.services.alerts.evaluate`` and then
+``server.services.retrain.evaluate_policies``; the hooks of the requests
+that fired run after the commit. Never on the ingest path: ingest only
+stores records.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from collections.abc import Callable
 from sqlalchemy.orm import Session
 
 from server.analysis.verdict import Thresholds
-from server.services import alerts
+from server.services import alerts, retrain
 from server.settings import Settings
 from server.workers.lease import HeldLease, fence
 from server.workers.loop import LeasedLoop, utcnow
@@ -40,11 +42,17 @@ def drift_loop(
     thresholds = thresholds_of(settings)
 
     def step(held: HeldLease) -> None:
+        now = utcnow()
         with session_factory() as s, s.begin():
             fence(s, held)
-            summary = alerts.evaluate(s, thresholds, utcnow())
+            summary = alerts.evaluate(s, thresholds, now)
+            s.flush()
+            fired = retrain.evaluate_policies(s, settings, now)
         if summary.transitions:
             log.info("drift: %d alert level change(s)", summary.transitions)
+        for request_id in fired:  # outside the transaction: a hook may take minutes
+            log.info("retraining request %s; running the hook", request_id)
+            retrain.run_hook(session_factory, settings, request_id, fence=lambda s: fence(s, held))
 
     return LeasedLoop(
         "drift", holder, session_factory, step, interval_s=settings.drift_interval_seconds

@@ -153,6 +153,9 @@ class Api:
     def patch(self, path: str, role: str = "admin", **kw: Any) -> Any:
         return self.client.patch(path, headers=self.headers(role), **kw)
 
+    def put(self, path: str, role: str = "admin", **kw: Any) -> Any:
+        return self.client.put(path, headers=self.headers(role), **kw)
+
     def delete(self, path: str, role: str = "admin", **kw: Any) -> Any:
         return self.client.delete(path, headers=self.headers(role), **kw)
 

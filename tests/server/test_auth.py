@@ -50,6 +50,10 @@ EXPECTED: dict[tuple[str, str], Permission | None] = {
     ("GET", "/api/v1/telemetry"): P.READ,
     ("GET", "/api/v1/drift"): P.READ,
     ("GET", "/api/v1/drift/alerts"): P.READ,
+    ("GET", "/api/v1/models/{name}/retrain-policy"): P.READ,
+    ("PUT", "/api/v1/models/{name}/retrain-policy"): P.OPERATE,
+    ("GET", "/api/v1/retrain-requests"): P.READ,
+    ("GET", "/api/v1/retrain-requests/{request_id}"): P.READ,
     ("GET", "/api/v1/audit"): P.ADMIN,
     ("GET", "/api/v1/audit/verify"): P.ADMIN,
 }
@@ -66,6 +70,7 @@ PARAMS = {
     "{device_id}": "dev-matrix",
     "{job_id}": "0" * 32,
     "{group}": "grp-matrix",
+    "{request_id}": "0" * 32,
 }
 
 

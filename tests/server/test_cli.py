@@ -250,7 +250,7 @@ def test_server_init_creates_admin_token(tmp_path: Path, keys: Keys, capsys) -> 
     )
     assert main(["server", "init", "--config", str(config), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["token"].startswith("eft_") and out["schema_revision"] == "0004"
+    assert out["token"].startswith("eft_") and out["schema_revision"] == "0005"
     from server.api.app import create_app
     from server.settings import load_settings
 
@@ -283,3 +283,26 @@ def test_drift_report_through_the_api(live: LiveServer, capsys) -> None:
     assert code == 0 and "device:d1" in text and "amount" in text
     code, out = run(capsys, live, "drift", "report", "--model", "nope", role="viewer")
     assert code == 1 and out["status"] == 404
+
+
+def test_retrain_policy_and_requests_through_the_api(live: LiveServer, capsys) -> None:
+    from tests.server.test_drift_report import publish_with_profile
+
+    publish_with_profile(live.api)
+    policy = ["retrain", "policy", "--model", "fraud"]
+    code, out = run(
+        capsys, live, *policy, "--key-features", "amount,hour", "--cooldown", "600", role="operator"
+    )
+    assert code == 0 and out["key_features"] == ["amount", "hour"] and out["cooldown_s"] == 600
+    code, out = run(capsys, live, "retrain", "policy", "--model", "fraud", "--min-accuracy",
+                    "0.8", role="operator")  # fmt: skip
+    assert code == 0 and out["min_accuracy"] == 0.8 and out["key_features"] == ["amount", "hour"]
+    code, out = run(capsys, live, "retrain", "policy", "--model", "fraud", role="viewer")
+    assert code == 0 and out["min_accuracy"] == 0.8
+    code, out = run(capsys, live, "retrain", "ls", role="viewer")
+    assert code == 0 and out == {"requests": []}
+    code, out = run(capsys, live, "retrain", "show", "0" * 32, role="viewer")
+    assert code == 1 and out["status"] == 404
+    code, out = run(capsys, live, "retrain", "policy", "--model", "fraud", "--min-accuracy",
+                    "3", role="operator")  # fmt: skip
+    assert code == 1 and out["status"] == 422
