@@ -88,6 +88,7 @@ class Fleet:
         server_env: dict[str, str] | None = None,
         agent_download: dict[str, Any] | None = None,
         telemetry_window_s: float = 1.0,
+        agent_telemetry: dict[str, Any] | None = None,
         log: Callable[[str], None] = lambda line: None,
     ) -> None:
         self.workdir = Path(workdir).resolve()
@@ -102,6 +103,7 @@ class Fleet:
         self.extra_env = dict(server_env or {})
         self.agent_download = agent_download or {"chunk_size": 4096, "chunk_timeout_s": 1.0}
         self.telemetry_window_s = telemetry_window_s
+        self.agent_telemetry = agent_telemetry or {}  # more [telemetry] keys of agent.toml
         self.log = log
         self.server: subprocess.Popen[bytes] | None = None
         self.broker: subprocess.Popen[bytes] | None = None
@@ -320,6 +322,7 @@ class Fleet:
         pw.chmod(0o600)
         port = free_port()
         download = "\n".join(f"{k} = {json.dumps(v)}" for k, v in self.agent_download.items())
+        telemetry = "\n".join(f"{k} = {json.dumps(v)}" for k, v in self.agent_telemetry.items())
         (home / "agent.toml").write_text(
             f"""[device]
 id = "{device_id}"
@@ -339,6 +342,7 @@ backoff_max_s = 1.0
 
 [telemetry]
 window_s = {self.telemetry_window_s}
+{telemetry}
 
 [http]
 enabled = true
