@@ -384,9 +384,15 @@ def null_psi_quantile(ref: ReferenceHistogram, n: int, q: float = 0.99) -> float
     """
     if n <= 0:
         return math.inf
-    key = tuple(round(float(x), 12) for x in ref.proportions())
-    m = max(1, round(ref.n))
+    key, m = _null_key(ref.counts)
     return _null_quantile(key, m, _grid_n(n), q)
+
+
+@functools.lru_cache(maxsize=4096)
+def _null_key(counts: tuple[float, ...]) -> tuple[tuple[float, ...], int]:
+    """The cache key of a reference's null quantiles: its proportions and size (computed once)."""
+    total = sum(counts)
+    return tuple(round(c / total, 12) for c in counts), max(1, round(total))
 
 
 def judge(
