@@ -102,24 +102,7 @@ class Serving:
             except Exception as exc:
                 raise _bad_input(model, exc) from exc
             return out
-        # _predict_hooked, inlined: this is the hot path with telemetry attached.
-        pid = next(self._ids)
-        start = _clock()
-        try:
-            out = model.session.run(model.output_names, feed)
-        except Exception as exc:
-            raise _bad_input(model, exc) from exc
-        elapsed = _clock() - start
-        observer = self._observer
-        if observer is not None:
-            try:
-                observer(feed, out, elapsed, pid)
-            except Exception:  # telemetry must never break inference
-                self.observer_errors += 1
-        shadow = self.shadow
-        if shadow is not None:
-            shadow.submit(feed, out, elapsed, pid)
-        return out
+        return self._predict_hooked(model, feed, next(self._ids))
 
     def predict_with_id(
         self, inputs: Mapping[str, np.ndarray] | np.ndarray

@@ -98,11 +98,5 @@ def batch_drift(
         "channels": [v.to_dict() for v in channels],
         "outputs": None,
         "dataset_drift": dataset_drift,
-        "thresholds": {
-            "psi_warn": t.psi_warn,
-            "psi_alarm": t.psi_alarm,
-            "min_n": t.min_n,
-            "null_quantile": t.null_quantile,
-            "fdr_q": t.fdr_q,
-        },
+        "thresholds": t.to_dict(),
     }

@@ -63,6 +63,16 @@ class Thresholds:
     fdr_q: float = 0.05
     reference_n: int = 10_000
 
+    def to_dict(self) -> dict[str, float | int]:
+        """The thresholds a report states it used (``reference_n`` is an input detail)."""
+        return {
+            "psi_warn": self.psi_warn,
+            "psi_alarm": self.psi_alarm,
+            "min_n": self.min_n,
+            "null_quantile": self.null_quantile,
+            "fdr_q": self.fdr_q,
+        }
+
     def __post_init__(self) -> None:
         if not 0 < self.psi_warn <= self.psi_alarm <= 10:
             raise ConfigError(

@@ -252,11 +252,5 @@ def report(
             }
             for d in devices
         },
-        "thresholds": {
-            "psi_warn": t.psi_warn,
-            "psi_alarm": t.psi_alarm,
-            "min_n": t.min_n,
-            "null_quantile": t.null_quantile,
-            "fdr_q": t.fdr_q,
-        },
+        "thresholds": t.to_dict(),
     }
