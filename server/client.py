@@ -317,6 +317,13 @@ class ApiClient:
                 params[key] = value
         return cast(dict[str, Any], self.json("GET", "/drift/alerts", params=params))
 
+    def feedback_audit(self, model: str, *, version: int | None = None) -> dict[str, Any]:
+        """``GET /drift/feedback``."""
+        params: dict[str, Any] = {"model": model}
+        if version is not None:
+            params["version"] = version
+        return cast(dict[str, Any], self.json("GET", "/drift/feedback", params=params))
+
     def retrain_requests(self, *, model: str | None = None, limit: int = 100) -> dict[str, Any]:
         """``GET /retrain-requests``."""
         params: dict[str, Any] = {"limit": limit}

@@ -21,7 +21,7 @@ from typing import Any
 
 from server.analysis.verdict import Status
 
-__all__ = ["Accuracy", "accuracy", "judge", "tally"]
+__all__ = ["Accuracy", "accuracy", "feedback_audit", "judge", "tally"]
 
 Z95 = 1.959963984540054
 
@@ -105,3 +105,56 @@ def judge(a: Accuracy, required: float, min_labels: int = 100) -> tuple[Status, 
     if a.value < required:
         return Status.WARN, f"accuracy {a.value:.3f} < {required:.3f} (95% from {low:.3f})"
     return Status.OK, f"accuracy {a.value:.3f} >= {required:.3f}"
+
+
+def feedback_audit(
+    predicted_counts: Mapping[int, int],
+    pairs: Iterable[tuple[int, int]],
+    unscored: int = 0,
+) -> dict[str, Any]:
+    """Where the labels come from: the seed guide's hidden feedback loop, measured.
+
+    ``predicted_counts`` is how often each class was predicted (telemetry's
+    output class counts); ``pairs`` the (predicted, label) of every scored
+    feedback label. Reports, per predicted class, the label coverage (labels
+    / predictions) and accuracy, and the predicted vs labelled class
+    distributions. Very uneven coverage means the labels were chosen by the
+    model's own answers (e.g. only flagged cases get investigated), and the
+    labelled accuracy says little about the rest.
+    """
+    labels_per_class: dict[int, int] = {}
+    right_per_class: dict[int, int] = {}
+    labelled_dist: dict[int, int] = {}
+    for predicted, label in pairs:
+        labels_per_class[predicted] = labels_per_class.get(predicted, 0) + 1
+        right_per_class[predicted] = right_per_class.get(predicted, 0) + (predicted == label)
+        labelled_dist[label] = labelled_dist.get(label, 0) + 1
+    classes = sorted(set(predicted_counts) | set(labels_per_class) | set(labelled_dist))
+    total_pred = sum(predicted_counts.values())
+    total_labels = sum(labels_per_class.values())
+    rows = []
+    for c in classes:
+        preds, labels = predicted_counts.get(c, 0), labels_per_class.get(c, 0)
+        rows.append({
+            "class": c,
+            "predictions": preds,
+            "labels": labels,
+            "coverage": None if not preds else round(labels / preds, 6),
+            "accuracy": None if not labels else round(right_per_class[c] / labels, 6),
+            "predicted_share": None if not total_pred else round(preds / total_pred, 6),
+            "labelled_share": None if not total_labels else round(
+                labelled_dist.get(c, 0) / total_labels, 6),
+        })  # fmt: skip
+    coverages = [r["coverage"] for r in rows if r["coverage"] is not None and r["predictions"]]
+    return {
+        "predictions": total_pred,
+        "labels": total_labels,
+        "unscored_labels": unscored,
+        "coverage": None if not total_pred else round(total_labels / total_pred, 6),
+        "coverage_ratio": (
+            None
+            if not coverages or min(coverages) == 0
+            else round(max(coverages) / min(coverages), 3)
+        ),
+        "classes": rows,
+    }

@@ -30,7 +30,12 @@ import argparse
 from pathlib import Path
 
 from edgefleet.console import positive_int
-from server.cli.drift import add_alerts_parser, add_drift_parser, add_retrain_parser
+from server.cli.drift import (
+    _audit_feedback,
+    add_alerts_parser,
+    add_drift_parser,
+    add_retrain_parser,
+)
 from server.cli.ops import (
     _server_broker_config,
     _server_init,
@@ -302,3 +307,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     al.add_argument("--limit", type=positive_int, default=100)
     client_args(al)
     al.set_defaults(func=_audit_ls)
+    af = asub.add_parser(
+        "feedback", help="label coverage and accuracy by predicted class (the feedback loop)"
+    )
+    af.add_argument("--model", required=True)
+    af.add_argument("--version", type=int, default=None)
+    client_args(af)
+    af.set_defaults(func=_audit_feedback)

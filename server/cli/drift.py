@@ -185,6 +185,31 @@ def _retrain_policy(args: argparse.Namespace) -> int:
     return int(_api(args, call))
 
 
+def _audit_feedback(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from server.cli.remote import _api
+
+    def render(r: Mapping[str, Any]) -> None:
+        console.print(
+            f"{r['model']} v{r['version']}: {r['labels']} labels for {r['predictions']} "
+            f"predictions (coverage {r['coverage']}, max/min by class {r['coverage_ratio']})"
+        )
+        table = Table(title="by predicted class", title_justify="left")
+        for col in ("class", "predictions", "labels", "coverage", "accuracy", "labelled share"):
+            table.add_column(col)
+        for c in r["classes"]:
+            table.add_row(*(str(c[k]) for k in ("class", "predictions", "labels", "coverage",
+                                                 "accuracy", "labelled_share")))  # fmt: skip
+        console.print(table)
+
+    def call(client: Any) -> int:
+        emit(client.feedback_audit(args.model, version=args.version), args.json, render)
+        return 0
+
+    return int(_api(args, call))
+
+
 def _alerts_ls(args: argparse.Namespace) -> int:
     from rich.table import Table
 

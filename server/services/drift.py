@@ -41,13 +41,13 @@ from server.analysis.drift import (
     record_histograms,
     subject_of,
 )
-from server.analysis.quality import Accuracy, tally
+from server.analysis.quality import Accuracy, feedback_audit, tally
 from server.analysis.verdict import Status, Thresholds, worst
 from server.errors import InvalidInputError, NotFoundError
 from server.models import DeviceGroup, Model, ModelVersion, TelemetryRow
 from server.services.registry.catalog import STATUS_PUBLISHED, get_version
 
-__all__ = ["latest_published", "reference_of", "report"]
+__all__ = ["feedback_report", "latest_published", "reference_of", "report"]
 
 
 def latest_published(session: Session, model: str) -> ModelVersion:
@@ -253,4 +253,59 @@ def report(
             for d in devices
         },
         "thresholds": t.to_dict(),
+    }
+
+
+def feedback_report(
+    session: Session,
+    model: str,
+    version: int | None = None,
+    *,
+    since: datetime | None = None,
+    until: datetime | None = None,
+) -> dict[str, Any]:
+    """The feedback-loop audit of a model version's telemetry (``server.analysis.quality``).
+
+    Predictions per class come from output 0's class counts, labels from
+    ``feedback[]`` (scored when the label is a class id and the prediction
+    known). What devices do not report yet is stated as null with the reason:
+    label delay, the exploration holdout, and the export's effective sample
+    size need per-sample timestamps, flags and inclusion probabilities.
+
+    Raises:
+        NotFoundError: no such model or version.
+    """
+    row = (
+        latest_published(session, model)
+        if version is None
+        else get_version(session, model, version)
+    )
+    predicted: dict[int, int] = {}
+    pairs: list[tuple[int, int]] = []
+    unscored = records = 0
+    for r in _rows(session, model, row.version, group=None, device=None, since=since, until=until):
+        records += 1
+        for o in r.record.get("outputs") or []:
+            if o.get("index") == 0 and o.get("classes"):
+                for c, k in enumerate(o["classes"]):
+                    predicted[c] = predicted.get(c, 0) + int(k)
+        for f in r.record.get("feedback") or []:
+            label, guess = f.get("label"), f.get("predicted")
+            if isinstance(label, bool):
+                label = int(label)
+            if isinstance(label, int) and isinstance(guess, int) and not isinstance(guess, bool):
+                pairs.append((guess, label))
+            else:
+                unscored += 1
+    audit = feedback_audit(predicted, pairs, unscored)
+    return {
+        "model": model,
+        "version": row.version,
+        "records": records,
+        **audit,
+        "not_reported": {
+            "label_delay": "devices do not timestamp labels yet",
+            "exploration_holdout": "devices do not flag exploration samples yet",
+            "effective_sample_size": "samples carry no inclusion probability yet",
+        },
     }

@@ -50,6 +50,7 @@ EXPECTED: dict[tuple[str, str], Permission | None] = {
     ("GET", "/api/v1/telemetry"): P.READ,
     ("GET", "/api/v1/drift"): P.READ,
     ("GET", "/api/v1/drift/alerts"): P.READ,
+    ("GET", "/api/v1/drift/feedback"): P.READ,
     ("GET", "/api/v1/models/{name}/retrain-policy"): P.READ,
     ("PUT", "/api/v1/models/{name}/retrain-policy"): P.OPERATE,
     ("GET", "/api/v1/retrain-requests"): P.READ,

@@ -148,3 +148,24 @@ def test_accuracy_from_feedback_labels(api: Api) -> None:
     q = body["quality"]
     assert (q["labelled"], q["correct"], q["accuracy"]) == (200, 150, 0.75)
     assert q["wilson_low"] < 0.75 < q["wilson_high"]
+
+
+def test_feedback_audit_route(api: Api) -> None:
+    from edgefleet.wire import Feedback, OutputSummary
+
+    profile = publish_with_profile(api)
+    rng = np.random.default_rng(6)
+    base = window(profile, "pi-1", 1, rng, {}, 100)
+    out = OutputSummary(0, 100, 0.3, 0.1, 0.0, 1.0, (80, 15, 5))
+    labels = (Feedback(1, 2, 2), Feedback(2, 0, 2), Feedback(3, "text", 1))
+    record = TelemetryRecord("pi-1", 1, base.window_start, base.window_end, base.model,
+                             predictions=100, features=base.features, outputs=(out,),
+                             feedback=labels)  # fmt: skip
+    with api.sessions() as s:
+        telemetry.ingest_batch(s, [record])
+        s.commit()
+    body = api.get("/api/v1/drift/feedback", role="viewer", params={"model": "fraud"}).json()
+    assert body["predictions"] == 100 and body["labels"] == 2 and body["unscored_labels"] == 1
+    by = {c["class"]: c for c in body["classes"]}
+    assert by[2]["labels"] == 2 and by[2]["coverage"] == 0.4 and by[2]["accuracy"] == 0.5
+    assert body["not_reported"]["effective_sample_size"]

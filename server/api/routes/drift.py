@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
 
@@ -78,4 +78,19 @@ def drift_alerts(
     return schemas.DriftAlertList(
         alerts=[schemas.DriftAlertPublic.model_validate(alerts.present(a, fleet)) for a in rows],
         total=total,
+    )
+
+
+@router.get("/feedback", response_model=dict[str, Any])
+def feedback_audit(
+    session: SessionDep,
+    _: Reader,
+    model: Annotated[str, Query(pattern=MODEL_NAME_PATTERN, max_length=64)],
+    version: Annotated[int | None, Query(ge=1, le=MAX_VERSION)] = None,
+    since: Annotated[datetime | None, Query(description="window_end >= since")] = None,
+    until: Annotated[datetime | None, Query(description="window_end < until")] = None,
+) -> dict[str, Any]:
+    """Label coverage and accuracy by predicted class: the hidden feedback loop (docs/drift.md)."""
+    return drift.feedback_report(
+        session, model, version, since=_aware(since, "since"), until=_aware(until, "until")
     )

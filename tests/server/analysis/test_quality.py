@@ -39,3 +39,19 @@ def test_judge_against_a_required_accuracy() -> None:
     status, reason = judge(accuracy(1000, 890), 0.9)  # below, but the interval reaches 0.9
     assert status is Status.WARN and "0.890" in reason
     assert judge(accuracy(1000, 800), 0.9)[0] is Status.ALARM
+
+
+def test_feedback_audit_shows_labels_chosen_by_the_model() -> None:
+    from server.analysis.quality import feedback_audit
+
+    # 900 predicted "ok" (0), 100 predicted "fraud" (1); only flagged cases were investigated
+    pairs = [(1, 1)] * 70 + [(1, 0)] * 30 + [(0, 0)] * 9
+    audit = feedback_audit({0: 900, 1: 100}, pairs, unscored=2)
+    assert audit["predictions"] == 1000 and audit["labels"] == 109 and audit["unscored_labels"] == 2
+    by = {c["class"]: c for c in audit["classes"]}
+    assert by[1]["coverage"] == 1.0 and by[0]["coverage"] == 0.01
+    assert by[1]["accuracy"] == 0.7 and by[0]["accuracy"] == 1.0
+    assert audit["coverage_ratio"] == 100.0  # labels 100x more likely on one predicted class
+    assert by[0]["labelled_share"] == round(39 / 109, 6)
+    empty = feedback_audit({}, [])
+    assert empty["coverage"] is None and empty["classes"] == []
