@@ -306,7 +306,7 @@ class DriftAlertPublic(BaseModel):
     model: str
     version: int
     manifest_sha256: str
-    scope: str = Field(description="fleet or device:ID")
+    scope: str = Field(description="fleet, group:NAME or device:ID")
     subject: str = Field(description="feature:NAME, channel:INPUT[C] or output:NAME")
     level: DriftStatus
     since: str | None = Field(description="when the current level was entered")

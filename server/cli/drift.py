@@ -77,7 +77,7 @@ def add_alerts_parser(sub: argparse._SubParsersAction) -> None:
     ls = asub.add_parser("ls", help="list drift alerts, most severe first")
     ls.add_argument("--model", default=None)
     ls.add_argument("--level", choices=("ok", "warn", "alarm", "insufficient"), default=None)
-    ls.add_argument("--scope", default=None, help="fleet or device:ID")
+    ls.add_argument("--scope", default=None, help="fleet, group:NAME or device:ID")
     ls.add_argument("--limit", type=int, default=100)
     client_args(ls)
     ls.set_defaults(func=_alerts_ls)

@@ -4,16 +4,17 @@ Flow of ``evaluate(session, thresholds, now)``, run by the drift worker
 (``server.workers.drift``) under its lease, in one transaction:
 
 1. For every published model version with a drift reference, the alert rows
-   of its manifest digest are loaded (one per scope and subject: ``fleet`` or
-   ``device:ID``; ``feature:NAME``, ``channel:INPUT[C]`` or ``output:NAME``
-   for a classifier output's predicted classes).
+   of its manifest digest are loaded, one per scope and subject. Scopes are
+   ``fleet``, ``group:NAME`` (a device's current groups) and ``device:ID``;
+   subjects ``feature:NAME``, ``channel:INPUT[C]`` and ``output:NAME`` (a
+   classifier output's predicted classes).
 2. Telemetry of that version that *arrived* since the oldest alert's
    ``pending_since`` is read once; each record's feature counts are added to
-   the device's cell and to the fleet's cell of that feature, when they
+   the device's cell, its groups' cells and the fleet's cell, when they
    arrived after that cell's own ``pending_since`` (so every record counts
    exactly once per alert, late windows included).
-3. Every cell is judged (``judge``), with one Benjamini-Hochberg family for
-   the device cells and one for the fleet cells. A judged cell (enough
+3. Every cell is judged (``judge_many``), with one Benjamini-Hochberg family
+   each for the device, the group and the fleet cells. A judged cell (enough
    observations) advances its alert's state machine and starts a new pooling
    window at ``now``; an ``insufficient`` one keeps pooling.
 4. Level changes are appended to the audit log in the same transaction.
@@ -44,7 +45,7 @@ from server.analysis.drift import (
 )
 from server.analysis.verdict import Status, Thresholds
 from server.errors import InvalidInputError
-from server.models import DriftAlert, Model, ModelVersion, TelemetryRow
+from server.models import DeviceGroup, DriftAlert, Model, ModelVersion, TelemetryRow
 from server.services import audit
 from server.services.drift import reference_of
 from server.services.registry.catalog import STATUS_PUBLISHED
@@ -104,6 +105,9 @@ def _evaluate_version(
     # Every device and feature seen before has an alert row (created when its
     # records were first read), so nothing older than the oldest window is needed.
     start = min((a.pending_since for a in rows.values()), default=_EPOCH)
+    groups: dict[str, list[str]] = {}
+    for device_id, group in session.execute(select(DeviceGroup.device_id, DeviceGroup.group)):
+        groups.setdefault(device_id, []).append(f"group:{group}")
     sums: dict[tuple[str, SubjectKey], list[int]] = {}
     query = (
         select(TelemetryRow.device_id, TelemetryRow.received_at, TelemetryRow.record)
@@ -121,7 +125,7 @@ def _evaluate_version(
             ref = refs.get(key)
             if ref is None or len(counts) != ref.bins:
                 continue
-            for scope in (f"device:{device_id}", FLEET):
+            for scope in (f"device:{device_id}", FLEET, *groups.get(device_id, ())):
                 alert = rows.get((scope, subject_of(key, ref)))
                 if alert is not None and received_at < alert.pending_since:
                     continue
@@ -131,8 +135,9 @@ def _evaluate_version(
                 acc[-1] += nonfinite
     cells = [(scope, key, Observed(tuple(v[:-1]), v[-1])) for (scope, key), v in sums.items()]
     verdicts: dict[tuple[str, SubjectKey], FeatureVerdict] = {}
-    for family in (
-        [c for c in cells if c[0] != FLEET],
+    for family in (  # one BH family per kind of scope
+        [c for c in cells if c[0].startswith("device:")],
+        [c for c in cells if c[0].startswith("group:")],
         [c for c in cells if c[0] == FLEET],
     ):
         by_key: dict[SubjectKey, list[int]] = {}

@@ -112,3 +112,28 @@ def test_alert_filters_are_checked(api: Api) -> None:
     )
     r = api.get("/api/v1/drift/alerts", role="viewer", params={"scope": "fleet"})
     assert r.status_code == 200 and r.json() == {"alerts": [], "total": 0}
+
+
+def test_group_alerts_follow_the_devices_of_each_group(api: Api) -> None:
+    for device in DEVICES:
+        group = "east" if device in ("pi-4", "pi-5") else "west"
+        body = {"device_class": "pi4", "device_id": device, "groups": [group]}
+        r = api.post("/api/v1/devices", role="operator", json=body)
+        assert r.status_code == 201, r.text
+    profile = publish_with_profile(api)
+    rng = np.random.default_rng(7)
+    for step in range(2):
+        at = T0 + timedelta(minutes=5 * step)
+        records = [
+            window(profile, d, step + 1, rng, {2: 1.0} if d in ("pi-4", "pi-5") else {}, 600)
+            for d in DEVICES
+        ]
+        with api.sessions() as s:
+            telemetry.ingest_batch(s, records, now=at + timedelta(seconds=1))
+            s.commit()
+        run(api, at + timedelta(minutes=1))
+    now = levels(api)
+    assert now[("group:east", "feature:distance")] == "alarm"
+    assert {v for (scope, _), v in now.items() if scope == "group:west"} == {"ok"}
+    r = api.get("/api/v1/drift/alerts", role="viewer", params={"scope": "group:east"})
+    assert r.status_code == 200 and {a["scope"] for a in r.json()["alerts"]} == {"group:east"}

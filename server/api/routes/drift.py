@@ -67,7 +67,7 @@ def drift_alerts(
     model: Annotated[str | None, Query(pattern=MODEL_NAME_PATTERN, max_length=64)] = None,
     level: Annotated[str | None, Query(pattern="^(ok|warn|alarm|insufficient)$")] = None,
     scope: Annotated[
-        str | None, Query(max_length=80, pattern=r"^(fleet|device:[A-Za-z0-9._-]+)$")
+        str | None, Query(max_length=80, pattern=r"^(fleet|(device|group):[A-Za-z0-9._-]+)$")
     ] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> schemas.DriftAlertList:
