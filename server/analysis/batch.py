@@ -22,10 +22,9 @@ from server.analysis.drift import (
     AnalysisError,
     FeatureVerdict,
     Observed,
-    ReferenceHistogram,
     judge,
     judge_family,
-    references_from_profile,
+    profile_references,
 )
 from server.analysis.verdict import Status, Thresholds
 
@@ -41,17 +40,6 @@ def histogram(values: np.ndarray, edges: tuple[float, ...]) -> Observed:
     return Observed(tuple(int(c) for c in counts.tolist()), int(v.size - finite.size))
 
 
-def _channels(
-    profile: Mapping[str, Any], t: Thresholds
-) -> list[tuple[str, int, ReferenceHistogram]]:
-    out = []
-    for c in profile.get("channels", []):
-        as_feature = {**c, "index": c["channel"], "name": f"{c['input']}[{c['channel']}]"}
-        (ref,) = references_from_profile({"bins": profile["bins"], "features": [as_feature]}, t)
-        out.append((str(c["input"]), int(c["channel"]), ref))
-    return out
-
-
 def batch_drift(
     profile: Mapping[str, Any],
     arrays: Mapping[str, np.ndarray],
@@ -64,28 +52,26 @@ def batch_drift(
             columns than a profiled feature's index.
     """
     t = thresholds or Thresholds()
-    feature_refs = references_from_profile(profile, t)
-    inputs = [str(f["input"]) for f in profile.get("features", [])]
     verdicts: list[FeatureVerdict] = []
-    for ref, name in zip(feature_refs, inputs, strict=True):
+    channel_verdicts: list[FeatureVerdict] = []
+    for (kind, name, index), ref in profile_references(profile, t).items():
+        if kind == "output":
+            continue  # a batch of inputs has no model outputs
         if name not in arrays:
             raise AnalysisError(f"the profile needs input {name!r}; the data has {sorted(arrays)}")
         a = np.asarray(arrays[name])
-        rows = a.reshape(a.shape[0], -1) if a.ndim >= 2 else a.reshape(-1, 1)
-        if rows.shape[1] <= ref.index:
-            raise AnalysisError(
-                f"feature {ref.name} is column {ref.index} of {name!r}, "
-                f"which has {rows.shape[1]} column(s)"
-            )
-        verdicts.append(judge(ref, histogram(rows[:, ref.index], ref.edges), t))
-    channel_verdicts = []
-    for name, channel, ref in _channels(profile, t):
-        if name not in arrays:
-            raise AnalysisError(f"the profile needs input {name!r}; the data has {sorted(arrays)}")
-        a = np.asarray(arrays[name])
-        if a.ndim < 3 or a.shape[1] <= channel:
-            raise AnalysisError(f"{name!r} has no channel {channel} (shape {list(a.shape)})")
-        channel_verdicts.append(judge(ref, histogram(a[:, channel], ref.edges), t))
+        if kind == "feature":
+            rows = a.reshape(a.shape[0], -1) if a.ndim >= 2 else a.reshape(-1, 1)
+            if rows.shape[1] <= index:
+                raise AnalysisError(
+                    f"feature {ref.name} is column {index} of {name!r}, "
+                    f"which has {rows.shape[1]} column(s)"
+                )
+            verdicts.append(judge(ref, histogram(rows[:, index], ref.edges), t))
+        else:
+            if a.ndim < 3 or a.shape[1] <= index:
+                raise AnalysisError(f"{name!r} has no channel {index} (shape {list(a.shape)})")
+            channel_verdicts.append(judge(ref, histogram(a[:, index], ref.edges), t))
     family = judge_family(verdicts + channel_verdicts, t.fdr_q)
     features, channels = family[: len(verdicts)], family[len(verdicts) :]
     judged = [v for v in family if v.status is not Status.INSUFFICIENT]

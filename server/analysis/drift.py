@@ -48,6 +48,7 @@ __all__ = [
     "FeatureVerdict",
     "Observed",
     "ReferenceHistogram",
+    "add_histogram",
     "bh_reject",
     "compare",
     "compare_many",
@@ -55,6 +56,7 @@ __all__ = [
     "judge_family",
     "judge_many",
     "null_psi_quantile",
+    "observed_of",
     "outliers",
     "pool",
     "profile_references",
@@ -249,6 +251,23 @@ def record_histograms(record: Mapping[str, Any]) -> list[tuple[SubjectKey, list[
         if o.get("classes"):
             out.append((("output", "", int(o.get("index", -1))), list(o["classes"]), 0))
     return out
+
+
+def add_histogram(
+    sums: dict[Any, list[int]], key: Any, counts: Sequence[int], nonfinite: int
+) -> None:
+    """Add one histogram into the running sum at ``key`` (the last slot: non-finite values)."""
+    acc = sums.get(key)
+    if acc is None:
+        acc = sums[key] = [0] * (len(counts) + 1)
+    for i, c in enumerate(counts):
+        acc[i] += int(c)
+    acc[-1] += int(nonfinite)
+
+
+def observed_of(acc: Sequence[int]) -> Observed:
+    """The ``Observed`` of a running sum made by ``add_histogram``."""
+    return Observed(tuple(acc[:-1]), acc[-1])
 
 
 def subject_of(key: SubjectKey, ref: ReferenceHistogram) -> str:

@@ -21,7 +21,7 @@ from typing import Any
 
 from server.analysis.verdict import Status
 
-__all__ = ["Accuracy", "accuracy", "feedback_audit", "judge", "tally"]
+__all__ = ["Accuracy", "accuracy", "feedback_audit", "judge", "scored_pairs", "tally"]
 
 Z95 = 1.959963984540054
 
@@ -75,17 +75,23 @@ def _class_id(label: Any) -> int | None:
     return None
 
 
-def tally(feedback: Iterable[Mapping[str, Any]]) -> Accuracy:
-    """Score ``feedback[]`` entries of telemetry records."""
-    labelled = correct = unscored = 0
+def scored_pairs(feedback: Iterable[Mapping[str, Any]]) -> tuple[list[tuple[int, int]], int]:
+    """The (predicted, label) of every scorable ``feedback[]`` entry, and how many were not."""
+    pairs: list[tuple[int, int]] = []
+    unscored = 0
     for f in feedback:
         label, predicted = _class_id(f.get("label")), f.get("predicted")
         if label is None or not isinstance(predicted, int) or isinstance(predicted, bool):
             unscored += 1
-            continue
-        labelled += 1
-        correct += label == predicted
-    return Accuracy(labelled, correct, unscored)
+        else:
+            pairs.append((predicted, label))
+    return pairs, unscored
+
+
+def tally(feedback: Iterable[Mapping[str, Any]]) -> Accuracy:
+    """Score ``feedback[]`` entries of telemetry records."""
+    pairs, unscored = scored_pairs(feedback)
+    return Accuracy(len(pairs), sum(p == label for p, label in pairs), unscored)
 
 
 def accuracy(labelled: int, correct: int) -> Accuracy:

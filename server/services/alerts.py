@@ -36,10 +36,11 @@ from sqlalchemy.orm import Session
 from server.analysis.alerts import AlertState, Window, advance
 from server.analysis.drift import (
     FeatureVerdict,
-    Observed,
     SubjectKey,
+    add_histogram,
     judge_family,
     judge_many,
+    observed_of,
     record_histograms,
     subject_of,
 )
@@ -129,11 +130,8 @@ def _evaluate_version(
                 alert = rows.get((scope, subject_of(key, ref)))
                 if alert is not None and received_at < alert.pending_since:
                     continue
-                acc = sums.setdefault((scope, key), [0] * (ref.bins + 1))
-                for i, c in enumerate(counts):
-                    acc[i] += int(c)
-                acc[-1] += nonfinite
-    cells = [(scope, key, Observed(tuple(v[:-1]), v[-1])) for (scope, key), v in sums.items()]
+                add_histogram(sums, (scope, key), counts, nonfinite)
+    cells = [(scope, key, observed_of(v)) for (scope, key), v in sums.items()]
     verdicts: dict[tuple[str, SubjectKey], FeatureVerdict] = {}
     for family in (  # one BH family per kind of scope
         [c for c in cells if c[0].startswith("device:")],
@@ -232,9 +230,8 @@ def list_alerts(
     if scope is not None:
         q = q.where(DriftAlert.scope == scope)
     total = session.scalar(select(func.count()).select_from(q.subquery())) or 0
-    severity = {"alarm": 0, "warn": 1, "ok": 2, "insufficient": 3}
     rows = list(session.scalars(q.order_by(DriftAlert.updated_at.desc(), DriftAlert.id)).all())
-    rows.sort(key=lambda a: severity.get(a.level, 4))
+    rows.sort(key=lambda a: -Status(a.level).severity)  # stable: newest first within a level
     rows = rows[:limit]
     digests = {a.manifest_sha256 for a in rows}
     fleet = {
@@ -250,13 +247,12 @@ def list_alerts(
 
 def present(alert: DriftAlert, fleet_levels: dict[tuple[str, str], str]) -> dict[str, Any]:
     """The JSON form of an alert; ``suppressed`` when a fleet alert at least as severe covers it."""
-    order = {"insufficient": 0, "ok": 1, "warn": 2, "alarm": 3}
     fleet = fleet_levels.get((alert.manifest_sha256, alert.subject))
     suppressed = (
         alert.scope != FLEET
         and alert.level in ("warn", "alarm")
         and fleet is not None
-        and order[fleet] >= order[alert.level]
+        and Status(fleet).severity >= Status(alert.level).severity
     )
     state = alert.state or {}
     return {

@@ -32,16 +32,18 @@ from server.analysis.drift import (
     Observed,
     ReferenceHistogram,
     SubjectKey,
+    add_histogram,
     judge,
     judge_family,
     judge_many,
+    observed_of,
     outliers,
     pool,
     profile_references,
     record_histograms,
     subject_of,
 )
-from server.analysis.quality import Accuracy, feedback_audit, tally
+from server.analysis.quality import Accuracy, feedback_audit, scored_pairs, tally
 from server.analysis.verdict import Status, Thresholds, worst
 from server.errors import InvalidInputError, NotFoundError
 from server.models import DeviceGroup, Model, ModelVersion, TelemetryRow
@@ -139,14 +141,8 @@ def device_histograms(
             if ref is None or len(counts) != ref.bins:
                 skipped += 1
                 continue
-            acc = per.setdefault(key, [0] * (ref.bins + 1))
-            for i, c in enumerate(counts):
-                acc[i] += int(c)
-            acc[-1] += nonfinite
-    out = {
-        device: {k: Observed(tuple(v[:-1]), v[-1]) for k, v in per.items()}
-        for device, per in sums.items()
-    }
+            add_histogram(per, key, counts, nonfinite)
+    out = {device: {k: observed_of(v) for k, v in per.items()} for device, per in sums.items()}
     return out, records, skipped
 
 
@@ -289,14 +285,9 @@ def feedback_report(
             if o.get("index") == 0 and o.get("classes"):
                 for c, k in enumerate(o["classes"]):
                     predicted[c] = predicted.get(c, 0) + int(k)
-        for f in r.record.get("feedback") or []:
-            label, guess = f.get("label"), f.get("predicted")
-            if isinstance(label, bool):
-                label = int(label)
-            if isinstance(label, int) and isinstance(guess, int) and not isinstance(guess, bool):
-                pairs.append((guess, label))
-            else:
-                unscored += 1
+        scored, skipped = scored_pairs(r.record.get("feedback") or [])
+        pairs += scored
+        unscored += skipped
     audit = feedback_audit(predicted, pairs, unscored)
     return {
         "model": model,

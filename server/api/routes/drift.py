@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
@@ -12,21 +12,10 @@ from edgefleet.topics import NAME_PATTERN
 from server.api import schemas
 from server.api.deps import Reader, SessionDep
 from server.api.routes.models import MODEL_NAME_PATTERN
-from server.errors import InvalidInputError
+from server.api.routes.telemetry import aware_utc
 from server.services import alerts, drift
 
 router = APIRouter(prefix="/drift", tags=["drift"])
-
-
-def _aware(value: datetime | None, what: str) -> datetime | None:
-    if value is None:
-        return None
-    if value.tzinfo is None:
-        raise InvalidInputError(f"{what} needs a timezone (e.g. 2025-01-01T00:00:00Z)")
-    try:
-        return value.astimezone(timezone.utc)
-    except OverflowError:
-        raise InvalidInputError(f"{what} is outside the years 1-9999 in UTC") from None
 
 
 @router.get("", response_model=schemas.DriftReport)
@@ -53,8 +42,8 @@ def drift_report(
         version,
         group=group,
         device=device_id,
-        since=_aware(since, "since"),
-        until=_aware(until, "until"),
+        since=aware_utc(since, "since"),
+        until=aware_utc(until, "until"),
         thresholds=Thresholds(min_n=min_n),
     )
     return schemas.DriftReport.model_validate(result)
@@ -92,5 +81,5 @@ def feedback_audit(
 ) -> dict[str, Any]:
     """Label coverage and accuracy by predicted class: the hidden feedback loop (docs/drift.md)."""
     return drift.feedback_report(
-        session, model, version, since=_aware(since, "since"), until=_aware(until, "until")
+        session, model, version, since=aware_utc(since, "since"), until=aware_utc(until, "until")
     )

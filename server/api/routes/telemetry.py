@@ -18,6 +18,18 @@ from server.services import telemetry
 router = APIRouter(prefix="/telemetry", tags=["telemetry"])
 
 
+def aware_utc(value: datetime | None, what: str) -> datetime | None:
+    """A time filter in UTC; a naive or unrepresentable one is refused naming the parameter."""
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        raise InvalidInputError(f"{what} needs a timezone (e.g. 2025-01-01T00:00:00Z)")
+    try:
+        return value.astimezone(timezone.utc)
+    except OverflowError:
+        raise InvalidInputError(f"{what} is outside the years 1-9999 in UTC") from None
+
+
 @router.get("", response_model=schemas.TelemetryList)
 def query_telemetry(
     session: SessionDep,
@@ -31,15 +43,7 @@ def query_telemetry(
     offset: Annotated[int, Query(ge=0, le=10**9)] = 0,
 ) -> schemas.TelemetryList:
     """Records matching every filter, newest window first."""
-    for value, what in ((since, "since"), (until, "until")):
-        if value is None:
-            continue
-        if value.tzinfo is None:
-            raise InvalidInputError(f"{what} needs a timezone (e.g. 2025-01-01T00:00:00Z)")
-        try:
-            value.astimezone(timezone.utc)
-        except OverflowError:
-            raise InvalidInputError(f"{what} is outside the years 1-9999 in UTC") from None
+    since, until = aware_utc(since, "since"), aware_utc(until, "until")
     rows, total = telemetry.query(
         session,
         device_id=device_id,
