@@ -20,11 +20,13 @@ import numpy as np
 
 from server.analysis.drift import (
     AnalysisError,
-    FeatureVerdict,
     Observed,
+    profile_references,
+)
+from server.analysis.judge import (
+    FeatureVerdict,
     judge,
     judge_family,
-    profile_references,
 )
 from server.analysis.verdict import Status, Thresholds
 

@@ -1,13 +1,14 @@
-"""Drift statistics from histograms: counts in, numbers and a verdict out (pure; no I/O).
+"""Drift statistics from histograms: counts in, numbers out (pure; no I/O).
 
 Flow: a reference (``ReferenceHistogram``: the bundle profile's edges and
 reference counts) and observed counts on the same edges (``Observed``: what
 devices send, summed over devices and windows: histograms on identical edges
-add up) -> ``compare`` gives PSI, Jensen-Shannon distance, binned KS and a
-chi-square p-value -> ``judge`` turns them into a ``Status`` with the
-effective thresholds for this sample size -> ``judge_family`` applies the
-Benjamini-Hochberg step across every (device, feature) judged together, so
-that a drifted verdict also needs a significant chi-square test.
+add up) -> ``compare`` / ``compare_many`` give PSI, Jensen-Shannon distance,
+binned KS and a chi-square p-value; ``grid_stats`` gives PSI and the
+chi-square statistic of a whole (scopes, subjects, bins) grid at once ->
+``server.analysis.judge`` turns them into verdicts with the effective
+thresholds (``null_psi_quantile``) and the Benjamini-Hochberg step
+(``bh_reject``).
 
 Definitions (docs/drift.md writes them out):
 
@@ -23,9 +24,8 @@ Definitions (docs/drift.md writes them out):
   for this n)``, the null simulated from the reference's proportions with the
   reference's own sample size (seeded, so verdicts are reproducible).
 
-Invariants: every function is deterministic and pure; ``n < min_n`` is
-``insufficient``, never an alarm; mismatched bins raise ``AnalysisError``
-naming the feature.
+Invariants: every function is deterministic and pure; mismatched bins raise
+``AnalysisError`` naming the feature.
 """
 
 from __future__ import annotations
@@ -37,37 +37,36 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from scipy import stats
+from scipy import special
 
 from edgefleet.errors import EdgefleetError
-from server.analysis.verdict import Status, Thresholds
+from server.analysis.verdict import Thresholds
 
 __all__ = [
     "AnalysisError",
     "Comparison",
-    "FeatureVerdict",
+    "GridStats",
     "Observed",
     "ReferenceHistogram",
     "add_histogram",
     "bh_reject",
+    "chi2_pvalues",
     "compare",
     "compare_many",
-    "judge",
-    "judge_family",
-    "judge_many",
+    "grid_n",
+    "grid_stats",
     "null_psi_quantile",
     "observed_of",
-    "outliers",
     "pool",
     "profile_references",
     "psi",
     "record_histograms",
     "references_from_profile",
+    "shape_stats",
     "smoothed",
     "subject_of",
 ]
 
-NONFINITE_WARN_SHARE = 0.01  # a share of non-finite values that is worth a warning
 _NULL_DRAWS = 8000  # simulated no-drift windows behind each null quantile
 _N_GRID = 48  # sample sizes per decade at which null quantiles are simulated
 
@@ -126,42 +125,6 @@ class Comparison:
     js: float
     ks: float
     chi2_p: float
-
-
-@dataclass(frozen=True)
-class FeatureVerdict:
-    """A judged comparison: statistics, the thresholds that applied, and the status."""
-
-    name: str
-    index: int
-    comparison: Comparison | None  # None when nothing was observed
-    warn_at: float
-    alarm_at: float
-    status: Status
-    reason: str
-    fdr_passed: bool | None = None  # set by judge_family
-
-    def to_dict(self) -> dict[str, Any]:
-        c = self.comparison
-        return {
-            "name": self.name,
-            "index": self.index,
-            "n": 0 if c is None else c.n,
-            "nonfinite": 0 if c is None else c.nonfinite,
-            "psi": None if c is None else _round(c.psi),
-            "js": None if c is None else _round(c.js),
-            "ks": None if c is None else _round(c.ks),
-            "chi2_p": None if c is None else float(f"{c.chi2_p:.6g}"),
-            "warn_at": _round(self.warn_at),
-            "alarm_at": _round(self.alarm_at),
-            "status": self.status.value,
-            "reason": self.reason,
-            "fdr_passed": self.fdr_passed,
-        }
-
-
-def _round(x: float) -> float:
-    return float(round(x, 6))
 
 
 # ----------------------------------------------------------------- profiles
@@ -286,7 +249,11 @@ def smoothed(counts: Sequence[float] | np.ndarray) -> np.ndarray:
 
 
 def psi(reference: Sequence[float] | np.ndarray, observed: Sequence[float] | np.ndarray) -> float:
-    """Population stability index of ``observed`` counts against ``reference`` counts."""
+    """Population stability index of ``observed`` counts against ``reference`` counts.
+
+    The documented formula, written out; ``grid_stats`` computes the same
+    value for many histograms at once.
+    """
     e = smoothed(reference)
     a = smoothed(observed)
     return float(np.sum((a - e) * np.log(a / e)))
@@ -296,6 +263,101 @@ def _psi_rows(reference: np.ndarray, observed: np.ndarray) -> np.ndarray:
     e = smoothed(reference)
     a = smoothed(observed)
     return np.asarray(np.sum((a - e) * np.log(a / e), axis=-1))
+
+
+_LN_HALF = np.log(np.arange(1 << 16) + 0.5)  # ln(k + 0.5) of small counts: a lookup, not a log
+
+
+def _ln_half(counts: np.ndarray) -> np.ndarray:
+    """``ln(count + 0.5)`` of non-negative integer counts (a table lookup below 65,536)."""
+    if counts.size and int(counts.max()) < _LN_HALF.size:
+        return np.take(_LN_HALF, counts)
+    return np.log(counts + 0.5)
+
+
+@dataclass(frozen=True)
+class GridStats:
+    """PSI and Pearson's statistic of every cell of a (scopes, subjects, bins) grid.
+
+    Arrays of shape (S, F): ``n`` finite observations, ``psi``, ``chi2`` (the
+    2 x B contingency statistic against the subject's reference), ``dof``
+    (bins not empty on both sides, minus one).
+    """
+
+    n: np.ndarray
+    psi: np.ndarray
+    chi2: np.ndarray
+    dof: np.ndarray
+
+
+def grid_stats(reference: np.ndarray, counts: np.ndarray) -> GridStats:
+    """PSI and the chi-square statistic of ``counts`` (S, F, B) against ``reference`` (F, B).
+
+    Whole-array numpy, a few passes over the counts (docs/drift.md):
+
+    * ``PSI = sum((a - e) * (ln(c + 0.5) - ln e))``: the smoothed proportions
+      ``a = (c + 0.5) / S`` and ``e`` both sum to 1, so the ``-ln S`` part of
+      ``ln a`` cancels, and ``ln(c + 0.5)`` of an integer count is a lookup;
+    * Pearson's statistic of the 2 x B table with totals R (reference), O
+      (observed), N = R + O and column sums u = r + o, by the identity
+      ``chi2 = (N^2 * sum(r^2 / u) - N * R^2) / (R * O)`` (columns with
+      u = 0 dropped), the value ``scipy.stats.chi2_contingency(...,
+      correction=False)`` gives.
+
+    ``counts`` must be non-negative integers (the caller checks).
+    """
+    r = np.asarray(reference, dtype=np.float64)
+    c = np.asarray(counts)
+    bins = c.shape[-1]
+    ones = np.ones(bins)
+    n = np.einsum("sfb->sf", c)
+    # One array of the grid's size, reused in place: fresh large arrays cost
+    # page faults that would be a good part of the time.
+    e = smoothed(r)
+    x = _ln_half(c)
+    x -= np.log(e)
+    # sum((a - e) * x) with a = (c + 0.5) / (n + 0.5 B), without materializing a
+    sum_ax = (np.einsum("sfb,sfb->sf", c, x) + 0.5 * (x @ ones)) / (n + 0.5 * bins)
+    psi_values = sum_ax - np.einsum("sfb,fb->sf", x, e)
+    total_r = r.sum(axis=-1)
+    u = np.add(c, r, out=x)  # column sums of each 2 x B table
+    if (r == 0).any():
+        nonempty = u > 0
+        w = np.divide(r * r, u, out=np.zeros_like(u), where=nonempty)
+        dof = nonempty.sum(axis=-1) - 1
+    else:
+        w = np.divide(r * r, u, out=u)
+        dof = np.full(n.shape, bins - 1)
+    big_n = total_r + n
+    with np.errstate(divide="ignore", invalid="ignore"):
+        stat = (big_n * big_n * (w @ ones) - big_n * total_r * total_r) / (total_r * n)
+    stat = np.where(n > 0, np.maximum(stat, 0.0), 0.0)
+    return GridStats(n.astype(np.int64), psi_values, stat, dof)
+
+
+def chi2_pvalues(stat: np.ndarray, dof: np.ndarray) -> np.ndarray:
+    """The chi-square upper tail of ``stat`` at ``dof`` (1.0 where dof < 1: nothing to test)."""
+    # scipy.special.chdtrc is what scipy.stats.chi2.sf evaluates, without its per-call set-up
+    return np.where(dof >= 1, special.chdtrc(np.maximum(dof, 1), stat), 1.0)
+
+
+def shape_stats(reference: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Jensen-Shannon distance (base 2, scipy's definition) and binned KS, per cell.
+
+    Both on the raw (unsmoothed) proportions; shapes as ``grid_stats``.
+    """
+    r = np.asarray(reference, dtype=np.float64)
+    o = np.asarray(counts, dtype=np.float64)
+    n = o.sum(axis=-1, keepdims=True)
+    p_ref = r / r.sum(axis=-1, keepdims=True)
+    p_obs = o / np.where(n > 0, n, 1.0)
+    mid = (p_ref + p_obs) / 2
+    with np.errstate(divide="ignore", invalid="ignore"):
+        left = np.where(p_ref > 0, p_ref * np.log(p_ref / mid), 0.0).sum(axis=-1)
+        right = np.where(p_obs > 0, p_obs * np.log(p_obs / mid), 0.0).sum(axis=-1)
+    js = np.sqrt(np.maximum((left + right) / np.log(2) / 2, 0.0))
+    ks = np.max(np.abs(np.cumsum(p_ref, axis=-1) - np.cumsum(p_obs, axis=-1)), axis=-1)
+    return js, ks
 
 
 def _check(ref: ReferenceHistogram, obs: Observed) -> None:
@@ -321,12 +383,7 @@ def compare(ref: ReferenceHistogram, obs: Observed) -> Comparison | None:
 
 
 def compare_many(ref: ReferenceHistogram, observed: Sequence[Observed]) -> list[Comparison | None]:
-    """``compare`` for many histograms on one reference, vectorized (one pass of numpy each).
-
-    The chi-square test is the 2 x B contingency statistic computed directly
-    (what ``scipy.stats.chi2_contingency(..., correction=False)`` computes),
-    its p-value ``scipy.stats.chi2.sf``; the JS distance is scipy's
-    definition (base 2) on whole arrays.
+    """``compare`` for many histograms on one reference (``grid_stats`` and ``shape_stats``).
 
     Raises:
         AnalysisError: a histogram is not on the reference's bins.
@@ -335,39 +392,19 @@ def compare_many(ref: ReferenceHistogram, observed: Sequence[Observed]) -> list[
         _check(ref, obs)
     if not observed:
         return []
-    r = np.asarray(ref.counts, dtype=np.float64)  # (B,)
-    o = np.asarray([obs.counts for obs in observed], dtype=np.float64)  # (K, B)
-    n = o.sum(axis=1)
-    has = n > 0
-    safe_n = np.where(has, n, 1.0)
-    p_ref = r / r.sum()
-    p_obs = o / safe_n[:, None]
-    psi_values = _psi_rows(r, o)
-    mid = (p_ref + p_obs) / 2
-    with np.errstate(divide="ignore", invalid="ignore"):
-        left = np.where(p_ref > 0, p_ref * np.log(p_ref / mid), 0.0).sum(axis=1)
-        right = np.where(p_obs > 0, p_obs * np.log(p_obs / mid), 0.0).sum(axis=1)
-    js = np.sqrt(np.maximum((left + right) / np.log(2) / 2, 0.0))
-    ks = np.max(np.abs(np.cumsum(p_ref) - np.cumsum(p_obs, axis=1)), axis=1)
-    col = r + o  # (K, B) column totals of each 2 x B table
-    keep = col > 0
-    total = r.sum() + n
-    with np.errstate(divide="ignore", invalid="ignore"):
-        e_ref = np.where(keep, r.sum() * col / total[:, None], 1.0)
-        e_obs = np.where(keep, n[:, None] * col / total[:, None], 1.0)
-        stat = np.where(keep, (r - e_ref) ** 2 / e_ref + (o - e_obs) ** 2 / e_obs, 0.0).sum(axis=1)
-    dof = keep.sum(axis=1) - 1
-    chi2_p = np.where(dof >= 1, stats.chi2.sf(stat, np.maximum(dof, 1)), 1.0)
+    r = np.asarray([ref.counts], dtype=np.float64)  # (1, B)
+    o = np.asarray([[obs.counts] for obs in observed], dtype=np.int64)  # (K, 1, B)
+    g = grid_stats(r, o)
+    js, ks = shape_stats(r, o)
+    p = chi2_pvalues(g.chi2, g.dof)
     out: list[Comparison | None] = []
     for k, obs in enumerate(observed):
-        if not has[k]:
-            out.append(None)
-            continue
+        n = int(g.n[k, 0])
         out.append(
-            Comparison(
-                int(n[k]), obs.nonfinite, float(psi_values[k]), float(js[k]), float(ks[k]),
-                float(chi2_p[k]),
-            )
+            None
+            if n == 0
+            else Comparison(n, obs.nonfinite, float(g.psi[k, 0]), float(js[k, 0]),
+                            float(ks[k, 0]), float(p[k, 0]))
         )  # fmt: skip
     return out
 
@@ -375,7 +412,7 @@ def compare_many(ref: ReferenceHistogram, observed: Sequence[Observed]) -> list[
 # --------------------------------------------------------------- thresholds
 
 
-def _grid_n(n: int) -> int:
+def grid_n(n: int) -> int:
     """The largest grid sample size <= n (null quantiles are simulated on a grid)."""
     if n <= 64:
         return max(1, n)
@@ -404,7 +441,7 @@ def null_psi_quantile(ref: ReferenceHistogram, n: int, q: float = 0.99) -> float
     if n <= 0:
         return math.inf
     key, m = _null_key(ref.counts)
-    return _null_quantile(key, m, _grid_n(n), q)
+    return _null_quantile(key, m, grid_n(n), q)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -414,96 +451,27 @@ def _null_key(counts: tuple[float, ...]) -> tuple[tuple[float, ...], int]:
     return tuple(round(c / total, 12) for c in counts), max(1, round(total))
 
 
-def judge(
-    ref: ReferenceHistogram, obs: Observed, thresholds: Thresholds | None = None
-) -> FeatureVerdict:
-    """One feature's verdict: ``insufficient`` below ``min_n``, else by effective thresholds.
+def bh_reject(pvalues: Sequence[float] | np.ndarray, q: float, m: int | None = None) -> np.ndarray:
+    """Benjamini-Hochberg: which hypotheses are rejected at false discovery rate ``q``.
 
-    A share of non-finite values of at least 1% is at least a warning (a
-    broken sensor often sends NaN, which PSI over the finite values misses).
+    ``m`` is the size of the family when ``pvalues`` holds only some of its
+    members: BH never rejects a p-value above ``q``, so a caller may pass only
+    those at or below it (and the count of all).
     """
-    return judge_many(ref, [obs], thresholds)[0]
-
-
-def judge_many(
-    ref: ReferenceHistogram, observed: Sequence[Observed], thresholds: Thresholds | None = None
-) -> list[FeatureVerdict]:
-    """``judge`` for many histograms on one reference (devices, windows), vectorized."""
-    t = thresholds or Thresholds()
-    out = []
-    floors: dict[int, float] = {}  # null quantile per sample size, looked up once each
-    for comparison in compare_many(ref, observed):
-        n = 0 if comparison is None else comparison.n
-        if comparison is None or n < t.min_n:
-            out.append(FeatureVerdict(
-                ref.name, ref.index, comparison, t.psi_warn, t.psi_alarm, Status.INSUFFICIENT,
-                f"{n} observations, fewer than min_n={t.min_n}",
-            ))  # fmt: skip
-            continue
-        floor = floors.get(n)
-        if floor is None:
-            floor = floors[n] = null_psi_quantile(ref, n, t.null_quantile)
-        warn_at, alarm_at = max(t.psi_warn, floor), max(t.psi_alarm, floor)
-        value = comparison.psi
-        share = comparison.nonfinite / (n + comparison.nonfinite)
-        if value >= alarm_at:
-            status, reason = Status.ALARM, f"PSI {value:.3f} >= {alarm_at:.3f}"
-        elif value >= warn_at:
-            status, reason = Status.WARN, f"PSI {value:.3f} >= {warn_at:.3f}"
-        elif share >= NONFINITE_WARN_SHARE:
-            status, reason = Status.WARN, f"{share:.1%} of the values are not finite"
-        else:
-            status, reason = Status.OK, f"PSI {value:.3f} < {warn_at:.3f}"
-        out.append(
-            FeatureVerdict(ref.name, ref.index, comparison, warn_at, alarm_at, status, reason)
-        )
-    return out
-
-
-def bh_reject(pvalues: Sequence[float] | np.ndarray, q: float) -> np.ndarray:
-    """Benjamini-Hochberg: which hypotheses are rejected at false discovery rate ``q``."""
     p = np.asarray(pvalues, dtype=np.float64)
-    m = p.size
-    if m == 0:
+    m = p.size if m is None else m
+    if p.size == 0:
         return np.zeros(0, dtype=bool)
+    if m < p.size:
+        raise AnalysisError(f"a family of {m} cannot hold {p.size} p-values")
     order = np.argsort(p, kind="stable")
     ranked = p[order]
-    below = ranked <= q * np.arange(1, m + 1) / m
+    below = ranked <= q * np.arange(1, p.size + 1) / m
     reject = np.zeros(m, dtype=bool)
     if below.any():
         last = int(np.flatnonzero(below)[-1])
         reject[order[: last + 1]] = True
     return reject
-
-
-def judge_family(verdicts: Sequence[FeatureVerdict], q: float = 0.05) -> list[FeatureVerdict]:
-    """Apply the Benjamini-Hochberg step across verdicts judged together.
-
-    Every judged verdict takes part (the family is every feature of every
-    device in one evaluation; ``insufficient`` ones do not); a ``warn`` or
-    ``alarm`` whose chi-square
-    test is not among the discoveries becomes ``ok``, saying why. The
-    non-finite-share warning does not depend on the test.
-    """
-    judged = [
-        i
-        for i, v in enumerate(verdicts)
-        if v.comparison is not None and v.status is not Status.INSUFFICIENT
-    ]
-    reject = bh_reject([verdicts[i].comparison.chi2_p for i in judged], q)  # type: ignore[union-attr]
-    out = list(verdicts)
-    flagged = (Status.WARN, Status.ALARM)
-    for i, rejected in zip(judged, reject.tolist(), strict=True):
-        v = out[i]
-        status, reason = v.status, v.reason
-        if not rejected and status in flagged and reason.startswith("PSI"):
-            status = Status.OK
-            reason = f"{reason}, but the chi-square test is not significant at FDR q={q}"
-        # constructed directly: dataclasses.replace costs several times more per cell
-        out[i] = FeatureVerdict(
-            v.name, v.index, v.comparison, v.warn_at, v.alarm_at, status, reason, bool(rejected)
-        )
-    return out
 
 
 # ------------------------------------------------------------------ roll-ups
@@ -522,49 +490,3 @@ def pool(observations: Sequence[Observed]) -> Observed:
         raise AnalysisError(f"histograms with different bin counts cannot be pooled: {bins}")
     counts = np.asarray([o.counts for o in observations], dtype=np.int64).sum(axis=0)
     return Observed(tuple(int(c) for c in counts.tolist()), sum(o.nonfinite for o in observations))
-
-
-def outliers(
-    ref: ReferenceHistogram,
-    per_device: Mapping[str, Observed],
-    thresholds: Thresholds | None = None,
-) -> dict[str, FeatureVerdict]:
-    """Each device's histogram against the fleet's typical one (one broken sensor).
-
-    A population shift moves every device, and the typical histogram with
-    it; a device whose distribution differs from the others' is an outlier.
-    The typical histogram is the bin-wise median of the judged devices'
-    proportions (renormalized), robust to any minority of drifting devices,
-    scaled to the other devices' total count; it plays the reference, with
-    the same effective thresholds and one Benjamini-Hochberg step across the
-    devices. Devices below ``min_n`` and fleets of fewer than 3 judged devices
-    give ``insufficient``.
-    """
-    t = thresholds or Thresholds()
-    for device, obs in per_device.items():
-        if len(obs.counts) != ref.bins:
-            raise AnalysisError(
-                f"feature {ref.name}, device {device}: {len(obs.counts)} bins, expected {ref.bins}"
-            )
-    total = pool(list(per_device.values())) if per_device else Observed((0,) * ref.bins)
-    enough = [d for d, o in per_device.items() if o.n >= t.min_n]
-    typical = np.zeros(ref.bins)
-    if enough:
-        shares = np.asarray([per_device[d].counts for d in enough], dtype=np.float64)
-        typical = np.median(shares / shares.sum(axis=1, keepdims=True), axis=0)
-        typical = typical / typical.sum()
-    verdicts: dict[str, FeatureVerdict] = {}
-    for device, obs in per_device.items():
-        rest = tuple(a - b for a, b in zip(total.counts, obs.counts, strict=True))
-        if device not in enough or len(enough) < 3 or sum(rest) < t.min_n:
-            verdicts[device] = FeatureVerdict(
-                ref.name, ref.index, compare(ref, obs), t.psi_warn, t.psi_alarm,
-                Status.INSUFFICIENT, f"{obs.n} observations on {device}, {len(enough)} "
-                f"device(s) with at least min_n={t.min_n}: no fleet to compare with",
-            )  # fmt: skip
-            continue
-        scaled = typical * float(sum(rest))
-        others = ReferenceHistogram(ref.name, ref.index, ref.edges, tuple(scaled.tolist()))
-        verdicts[device] = judge(others, Observed(obs.counts, 0), t)
-    judged = judge_family(list(verdicts.values()), t.fdr_q)
-    return dict(zip(verdicts, judged, strict=True))

@@ -13,8 +13,9 @@ Flow of ``evaluate(session, thresholds, now)``, run by the drift worker
    the device's cell, its groups' cells and the fleet's cell, when they
    arrived after that cell's own ``pending_since`` (so every record counts
    exactly once per alert, late windows included).
-3. Every cell is judged (``judge_many``), with one Benjamini-Hochberg family
-   each for the device, the group and the fleet cells. A judged cell (enough
+3. Every cell is judged as arrays (``server.analysis.judge.judge_grid``:
+   one grid per kind of scope and bin count), with one Benjamini-Hochberg
+   family each for the device, the group and the fleet cells. A judged cell (enough
    observations) advances its alert's state machine and starts a new pooling
    window at ``now``; an ``insufficient`` one keeps pooling.
 4. Level changes are appended to the audit log in the same transaction.
@@ -30,20 +31,13 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
+import numpy as np
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from server.analysis.alerts import AlertState, Window, advance
-from server.analysis.drift import (
-    FeatureVerdict,
-    SubjectKey,
-    add_histogram,
-    judge_family,
-    judge_many,
-    observed_of,
-    record_histograms,
-    subject_of,
-)
+from server.analysis.drift import SubjectKey, add_histogram, record_histograms, subject_of
+from server.analysis.judge import FeatureVerdict, apply_fdr, judge_grid
 from server.analysis.verdict import Status, Thresholds
 from server.errors import InvalidInputError
 from server.models import DeviceGroup, DriftAlert, Model, ModelVersion, TelemetryRow
@@ -131,25 +125,7 @@ def _evaluate_version(
                 if alert is not None and received_at < alert.pending_since:
                     continue
                 add_histogram(sums, (scope, key), counts, nonfinite)
-    cells = [(scope, key, observed_of(v)) for (scope, key), v in sums.items()]
-    verdicts: dict[tuple[str, SubjectKey], FeatureVerdict] = {}
-    for family in (  # one BH family per kind of scope
-        [c for c in cells if c[0].startswith("device:")],
-        [c for c in cells if c[0].startswith("group:")],
-        [c for c in cells if c[0] == FLEET],
-    ):
-        by_key: dict[SubjectKey, list[int]] = {}
-        for i, (_, key, _) in enumerate(family):
-            by_key.setdefault(key, []).append(i)
-        raw: list[FeatureVerdict | None] = [None] * len(family)
-        for key, idx in by_key.items():  # one vectorized pass per feature
-            for i, v in zip(
-                idx, judge_many(refs[key], [family[i][2] for i in idx], t), strict=True
-            ):
-                raw[i] = v
-        judged = judge_family([v for v in raw if v is not None], t.fdr_q)
-        for (scope, key, _), v in zip(family, judged, strict=True):
-            verdicts[(scope, key)] = v
+    verdicts = _judge_cells(sums, refs, t)
     for (scope, key), v in sorted(verdicts.items()):
         ref = refs[key]
         alert = rows.get((scope, subject_of(key, ref)))
@@ -207,6 +183,45 @@ def _evaluate_version(
                 },
                 now=now,
             )
+
+
+def _judge_cells(
+    sums: dict[tuple[str, SubjectKey], list[int]],
+    refs: dict[SubjectKey, Any],
+    t: Thresholds,
+) -> dict[tuple[str, SubjectKey], FeatureVerdict]:
+    """Judge every pooled cell: one grid per kind of scope and bin count, one BH family per kind.
+
+    The grid's rows are the scopes that have a cell, its columns the
+    subjects of that bin count; a (scope, subject) without records stays
+    empty (n = 0), is not judged and takes no part in the family.
+    """
+    out: dict[tuple[str, SubjectKey], FeatureVerdict] = {}
+    kinds: dict[str, list[tuple[str, SubjectKey]]] = {"device": [], "group": [], FLEET: []}
+    for cell in sums:
+        kinds[cell[0].split(":", 1)[0]].append(cell)
+    for cells in kinds.values():
+        by_bins: dict[int, list[tuple[str, SubjectKey]]] = {}
+        for cell in cells:
+            by_bins.setdefault(refs[cell[1]].bins, []).append(cell)
+        layouts, grids = [], []
+        for bins, members in sorted(by_bins.items()):
+            scopes = sorted({scope for scope, _ in members})
+            keys = sorted({key for _, key in members})
+            row = {scope: i for i, scope in enumerate(scopes)}
+            col = {key: j for j, key in enumerate(keys)}
+            counts = np.zeros((len(scopes), len(keys), bins), dtype=np.int64)
+            nonfinite = np.zeros((len(scopes), len(keys)), dtype=np.int64)
+            for scope, key in members:
+                acc = sums[(scope, key)]
+                counts[row[scope], col[key]] = acc[:-1]
+                nonfinite[row[scope], col[key]] = acc[-1]
+            grids.append(judge_grid([refs[k] for k in keys], counts, nonfinite, t))
+            layouts.append((members, row, col))
+        for grid, (members, row, col) in zip(apply_fdr(grids, t.fdr_q), layouts, strict=True):
+            for scope, key in members:
+                out[(scope, key)] = grid.verdict(row[scope], col[key])
+    return out
 
 
 def list_alerts(

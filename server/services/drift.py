@@ -28,20 +28,22 @@ from sqlalchemy.orm import Session
 from edgefleet.errors import EdgefleetError
 from edgefleet.manifest import Manifest
 from server.analysis.drift import (
-    FeatureVerdict,
     Observed,
     ReferenceHistogram,
     SubjectKey,
     add_histogram,
-    judge,
-    judge_family,
-    judge_many,
     observed_of,
-    outliers,
     pool,
     profile_references,
     record_histograms,
     subject_of,
+)
+from server.analysis.judge import (
+    FeatureVerdict,
+    judge,
+    judge_family,
+    judge_many,
+    outliers,
 )
 from server.analysis.quality import Accuracy, feedback_audit, scored_pairs, tally
 from server.analysis.verdict import Status, Thresholds, worst

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from server.analysis.alerts import AlertState, Window, advance
-from server.analysis.drift import Observed, ReferenceHistogram, outliers
+from server.analysis.drift import Observed, ReferenceHistogram
+from server.analysis.judge import outliers
 from server.analysis.verdict import Status
 
 W, A = 0.10, 0.25
