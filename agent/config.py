@@ -44,6 +44,7 @@ Example (every key but ``device.id``, ``device.state_dir`` and
     spool_max_records = 10000
     sample_rate = 0.0              # raw-input sampling is off by default
     samples_per_window = 0
+    explore_share = 0.02           # always-sampled, flagged share while sampling is on
     buffer_max = 10000             # observations held between 1 s drains (lower it for big inputs)
 
     [http]
@@ -231,6 +232,7 @@ class TelemetryConfig:
     spool_max_records: int = 10_000
     sample_rate: float = 0.0  # fraction of predictions sampled (off)
     samples_per_window: int = 0
+    explore_share: float = 0.02  # share always sampled and flagged, while sampling is on
     buffer_max: int = 10_000  # observations (array references) held between drains
 
 
@@ -313,6 +315,7 @@ class AgentConfig:
             spool_max_bytes=t.spool_max_bytes,
             sample_rate=t.sample_rate,
             samples_per_window=t.samples_per_window,
+            explore_share=t.explore_share,
             buffer_max=t.buffer_max,
         )
 
@@ -332,7 +335,7 @@ _SECTIONS = {
     "download": {"chunk_size", "chunk_timeout_s", "window_blocks", "max_bundle_bytes"},
     "telemetry": {
         "window_s", "spool_max_bytes", "spool_max_records", "sample_rate", "samples_per_window",
-        "buffer_max",
+        "explore_share", "buffer_max",
     },
     "http": {"enabled", "bind", "port"},
     "runtime": {"onnxruntime_threads", "trial_boot_limit"},
@@ -446,6 +449,7 @@ def parse_config(doc: Mapping[str, Any], base: Path) -> AgentConfig:
         ),
         sample_rate=_num(t, "telemetry", "sample_rate", 0.0, 0.0, 1.0, integer=False),
         samples_per_window=_num(t, "telemetry", "samples_per_window", 0, 0, 256, integer=True),
+        explore_share=_num(t, "telemetry", "explore_share", 0.02, 0.0, 0.5, integer=False),
         buffer_max=_num(t, "telemetry", "buffer_max", 10_000, 16, 10_000_000, integer=True),
     )
     h = s["http"]

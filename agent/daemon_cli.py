@@ -133,7 +133,10 @@ def _run(args: argparse.Namespace) -> int:
         for event in boot_events:
             daemon.core_event(event)
         if config.http.enabled:
-            http = HttpEndpoint(agent, port=config.http.port, host=config.http.bind).start()
+            http = HttpEndpoint(
+                agent, port=config.http.port, host=config.http.bind,
+                exploring=daemon.recorder.exploring,
+            ).start()  # fmt: skip
         broker = f"{config.broker.host}:{config.broker.port}"
         _line(
             as_json,

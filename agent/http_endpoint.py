@@ -5,7 +5,8 @@ Flow: JSON request -> arrays built with the serving model's declared dtypes ->
 outputs by name. Routes::
 
     POST /v1/predict   {"inputs": {"x": [[...]]}}  or  {"input": [[...]]}
-                       -> {"prediction_id", "model", "version", "outputs": {name: [...]}}
+                       -> {"prediction_id", "model", "version", "outputs": {name: [...]},
+                           "exploration" (when telemetry runs: label it whatever the answer)}
     POST /v1/feedback  {"prediction_id": 17, "label": 1} -> {"ok": true}
     GET  /v1/status    the agent's status
     GET  /v1/shadow    shadow-model statistics (null without one)
@@ -61,6 +62,10 @@ class HttpEndpoint:
         port: TCP port; 0 picks a free one (see ``port`` after ``start``).
         host: a loopback address.
         max_body_bytes: largest request body accepted.
+        exploring: says whether a prediction id is in the telemetry's
+            exploration share (``TelemetryRecorder.exploring``); when given,
+            predict responses carry ``"exploration"``, so the application can
+            collect a label for those predictions whatever the model answered.
 
     Raises:
         ValueError: ``host`` is not a loopback address, or a bound is out of range.
@@ -73,6 +78,7 @@ class HttpEndpoint:
         port: int = 8765,
         host: str = "127.0.0.1",
         max_body_bytes: int = 8 << 20,
+        exploring: Callable[[int], bool] | None = None,
     ) -> None:
         if not _loopback(host):
             raise ValueError(f"the HTTP endpoint binds loopback addresses only, not {host!r}")
@@ -83,6 +89,7 @@ class HttpEndpoint:
         self.agent = agent
         self.host = host
         self.max_body_bytes = max_body_bytes
+        self._exploring = exploring
         self._server = ThreadingHTTPServer((host, port), self._handler_class())
         self._server.daemon_threads = True
         self._thread: threading.Thread | None = None
@@ -154,7 +161,7 @@ class HttpEndpoint:
                 f"inputs are not {manifest.inputs[0].dtype} arrays: {exc}"
             ) from exc
         pid, outputs = self.agent.predict_with_id(feed)
-        return {
+        response = {
             "prediction_id": pid,
             "model": ref.model,
             "version": ref.version,
@@ -163,6 +170,9 @@ class HttpEndpoint:
                 for spec, value in zip(manifest.outputs, outputs, strict=True)
             },
         }
+        if self._exploring is not None:
+            response["exploration"] = self._exploring(pid)
+        return response
 
     def _feedback(self, body: Any) -> dict[str, Any]:
         if not isinstance(body, dict) or set(body) != {"prediction_id", "label"}:

@@ -209,17 +209,33 @@ def output_reference(outputs: Sequence[tuple[str, np.ndarray]]) -> list[dict[str
 
     For every output that looks like class scores (rank >= 2, 2-1024 columns:
     the rule by which devices count ``classes`` in telemetry), the counts of
-    the predicted class (argmax of the last axis per row). Other outputs are
-    left out (devices send their moments only).
+    the predicted class (argmax of the last axis per row), ``kind: "classes"``.
+    Any other numeric output (scores, regressions, embeddings) is profiled by
+    value like a feature, ``kind: "values"``: ``DRIFT_BINS`` equal-frequency
+    bins over all its finite values, whose counts devices then send.
     """
-    out = []
+    out: list[dict[str, Any]] = []
     for index, (name, array) in enumerate(outputs):
+        if index > 63:
+            break
         rows = _class_scores(array)
-        if rows is None or index > 63:
+        if rows is not None:
+            counts = np.bincount(np.argmax(rows, axis=1), minlength=rows.shape[1])
+            out.append({"index": index, "name": name, "kind": "classes",
+                        "counts": [int(c) for c in counts], "n": int(counts.sum())})  # fmt: skip
             continue
-        counts = np.bincount(np.argmax(rows, axis=1), minlength=rows.shape[1])
-        out.append({"index": index, "name": name, "kind": "classes",
-                    "counts": [int(c) for c in counts], "n": int(counts.sum())})  # fmt: skip
+        a = np.asarray(array)
+        if a.dtype.kind not in "biuf":
+            continue
+        values = a.astype(np.float64).ravel()
+        values = values[np.isfinite(values)]
+        if values.size < DRIFT_BINS:
+            continue
+        edges = quantile_edges(values)
+        counts = bin_counts(values, edges)
+        out.append({"index": index, "name": name, "kind": "values",
+                    "edges": [float(e) for e in edges], "counts": [int(c) for c in counts],
+                    "n": int(counts.sum())})  # fmt: skip
     return out
 
 

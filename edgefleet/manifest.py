@@ -435,23 +435,44 @@ def _check_profile_entry(e: Any, what: str, group: str, bins: int) -> None:
         raise _fail(f"{what}.expected must be {bins} non-negative proportions summing to 1")
 
 
-def _check_outputs(items: Any) -> None:
-    """``outputs``: the reference predicted-class counts per classifier output."""
+def _check_outputs(items: Any, bins: int) -> None:
+    """``outputs``: the reference distribution of the model's outputs.
+
+    ``kind: "classes"`` (class-score outputs): the predicted-class counts;
+    ``kind: "values"`` (any other numeric output): the counts of its values
+    over ``bins - 1`` ascending ``edges``, as for a feature.
+    """
     if not isinstance(items, list) or len(items) > 64:
         raise _fail("drift_reference.outputs must be a list of at most 64 entries")
     for i, e in enumerate(items):
         what = f"drift_reference.outputs[{i}]"
         e = _obj(e, what)
-        if set(e) != {"index", "name", "kind", "counts", "n"} or e["kind"] != "classes":
-            raise _fail(f"{what} needs exactly index, name, kind ('classes'), counts and n")
+        kind = e.get("kind")
+        if kind == "values":
+            if set(e) != {"index", "name", "kind", "edges", "counts", "n"}:
+                raise _fail(f"{what} needs exactly index, name, kind, edges, counts and n")
+            edges = e["edges"]
+            if not isinstance(edges, list) or len(edges) != bins - 1:
+                raise _fail(f"{what}.edges must be {bins - 1} ascending numbers")
+            values = [_finite(x, f"{what}.edges[]") for x in edges]
+            if any(y < x for x, y in itertools.pairwise(values)):
+                raise _fail(f"{what}.edges must be {bins - 1} ascending numbers")
+            lo, hi = bins, bins
+        elif kind == "classes":
+            if set(e) != {"index", "name", "kind", "counts", "n"}:
+                raise _fail(f"{what} needs exactly index, name, kind, counts and n")
+            lo, hi = 2, 1024
+        else:
+            raise _fail(f"{what}.kind must be 'classes' or 'values'")
         _int(e["index"], f"{what}.index", 0, 63)
         _str(e["name"], f"{what}.name")
         counts = e["counts"]
-        if not isinstance(counts, list) or not 2 <= len(counts) <= 1024:
-            raise _fail(f"{what}.counts must be 2-1024 non-negative integers summing to n")
+        span = f"{lo}" if lo == hi else f"{lo}-{hi}"
+        if not isinstance(counts, list) or not lo <= len(counts) <= hi:
+            raise _fail(f"{what}.counts must be {span} non-negative integers summing to n")
         tallies = [_int(c, f"{what}.counts[]", 0, 1 << 50) for c in counts]
         if sum(tallies) != _int(e["n"], f"{what}.n", 1, 1 << 50):
-            raise _fail(f"{what}.counts must be 2-1024 non-negative integers summing to n")
+            raise _fail(f"{what}.counts must be {span} non-negative integers summing to n")
 
 
 def _check_calibration(d: Any) -> None:
@@ -486,10 +507,10 @@ def _check_drift(d: Any) -> dict[str, Any] | None:
     d = _obj(d, "drift_reference")
     if not set(d) <= {"bins", "features", "channels", "outputs", "calibration"}:
         raise _fail("drift_reference has only bins, features, channels, outputs and calibration")
-    _check_outputs(d.get("outputs", []))
+    bins = _int(d.get("bins"), "drift_reference.bins", 2, 100)
+    _check_outputs(d.get("outputs", []), bins)
     if d.get("calibration") is not None:
         _check_calibration(d["calibration"])
-    bins = _int(d.get("bins"), "drift_reference.bins", 2, 100)
     for group in ("features", "channels"):
         items = d.get(group, [])
         if not isinstance(items, list) or len(items) > 4096:

@@ -134,6 +134,12 @@ class Settings(BaseSettings):
     retrain_window_hours: float = Field(
         24.0, ge=0.1, le=8760.0, description="telemetry exported and scored per request"
     )
+    retrain_policies: dict[str, dict[str, object]] = Field(
+        default_factory=dict,
+        max_length=1000,
+        description="model name -> retraining policy (the API's fields, docs/drift.md); "
+        "a policy set through the API takes precedence for its model",
+    )
     bundle_expires_days: int = Field(90, ge=1, le=3650, description="default bundle lifetime")
     metrics_public: bool = Field(False, description="serve /metrics without a token")
     director_keys: list[Path] = Field(
@@ -244,6 +250,22 @@ class Settings(BaseSettings):
                 f"drift_psi_alarm={self.drift_psi_alarm}"
             )
         return self
+
+    @field_validator("retrain_policies")
+    @classmethod
+    def _valid_policies(cls, value: dict[str, dict[str, object]]) -> dict[str, dict[str, object]]:
+        from server.analysis.retrain import Policy
+
+        known = set(Policy().to_dict())
+        for model, policy in value.items():
+            unknown = set(policy) - known
+            if unknown:
+                raise ValueError(f"retrain_policies.{model}: unknown fields {sorted(unknown)}")
+            try:
+                Policy.from_dict(policy)
+            except (ConfigError, TypeError, ValueError) as exc:
+                raise ValueError(f"retrain_policies.{model}: {exc}") from exc
+        return value
 
     @field_validator("mqtt_url", "device_mqtt_url")
     @classmethod

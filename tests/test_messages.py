@@ -260,7 +260,10 @@ def full_record() -> TelemetryRecord:
         errors=2,
         error_kinds={"bad-input": 2},
         latency_ms=LatencySummary(120, 1.5, 1.2, 3.0, 4.5, 9.0),
-        outputs=(OutputSummary(0, 120, 0.33, 0.2, 0.0, 1.0, (40, 50, 30)),),
+        outputs=(
+            OutputSummary(0, 120, 0.33, 0.2, 0.0, 1.0, (40, 50, 30), (0,) * 5 + (20,) * 5),
+            OutputSummary(1, 120, 2.5, 1.0, -1.0, 6.0, None, None, (12,) * 10),
+        ),
         features=(FeatureCounts("x", 0, "f0", (1,) * 10, 0),),
         channels=(ChannelCounts("img", 1, (2,) * 10, 3, 0.5, 0.1),),
         shadow=ShadowSummary(ModelRef("tiny", 3), 100, 2, 0.97, None, 1.1, 0.9, 10, 0.8, 0.9),
@@ -274,8 +277,13 @@ def full_record() -> TelemetryRecord:
                 {"x": ArraySample("float32", (1, 2), b"\0" * 8)},
                 (ArraySample("float32", (1, 3), b"\0" * 12),),
             ),
+            Sample(19, {}, (), inclusion_probability=0.02, exploration=True),
         ),
-        feedback=(Feedback(17, 2, 1), Feedback(18, "cat")),
+        feedback=(
+            Feedback(17, 2, 1),
+            Feedback(18, "cat"),
+            Feedback(19, 0, 1, exploration=True, predicted_at=1001.0, labelled_at=1050.25),
+        ),
     )
 
 
@@ -297,6 +305,11 @@ def test_telemetry_record_is_strict() -> None:
         lambda d: d["samples"][0]["inputs"]["x"].update(shape=[1, 3]),
         lambda d: d["events"][0].update(kind="Bad Kind"),
         lambda d: d.pop("spool"),
+        lambda d: d["samples"][1].update(inclusion_probability=0),
+        lambda d: d["samples"][1].update(exploration=1),
+        lambda d: d["feedback"][2].update(exploration="yes"),
+        lambda d: d["feedback"][2].update(labelled_at=-1),
+        lambda d: d["outputs"][0].update(confidence=[-1] * 10),
     ):
         bad = json.loads(json.dumps(doc))
         mutate(bad)

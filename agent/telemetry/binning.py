@@ -13,7 +13,9 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["bin_matrix"]
+__all__ = ["CONFIDENCE_BINS", "bin_matrix", "confidence_counts"]
+
+CONFIDENCE_BINS = 10  # equal-width bins of [0, 1] for the top-class probability
 
 _BROADCAST_LIMIT = 1 << 22  # booleans per vectorized comparison chunk (4 MiB)
 _TILE_BYTES = 1 << 20  # bytes of edges laid out for one block of rows (_bin_sorted), at most
@@ -47,6 +49,8 @@ class _Profile:
     channels: dict[str, list[tuple[int, np.ndarray]]]
     # input -> its features' layout
     layouts: dict[str, _Layout] = field(default_factory=dict)
+    # output index -> edges, for outputs profiled by value (not class scores)
+    outputs: dict[int, np.ndarray] = field(default_factory=dict)
 
     @classmethod
     def compile(cls, ref: Mapping[str, Any] | None) -> _Profile | None:
@@ -74,7 +78,12 @@ class _Profile:
         layouts = {
             name: _Layout.of(columns, edges, bins) for name, (columns, _, edges) in features.items()
         }
-        return cls(bins, features, chans, layouts)
+        outputs = {
+            int(o["index"]): np.asarray(o["edges"], dtype=np.float64)
+            for o in ref.get("outputs", [])
+            if o.get("edges") is not None and len(o["edges"]) == bins - 1
+        }
+        return cls(bins, features, chans, layouts, outputs)
 
 
 def bin_matrix(values: np.ndarray, edges: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray]:
@@ -89,6 +98,31 @@ def bin_matrix(values: np.ndarray, edges: np.ndarray, bins: int) -> tuple[np.nda
         ``(counts (F, bins) int64, nonfinite (F,) int64)``.
     """
     return _bin_matrix(values, edges, bins, None)
+
+
+def confidence_counts(rows: np.ndarray, winners: np.ndarray) -> np.ndarray:
+    """Counts of the rows' top-class probability in ``CONFIDENCE_BINS`` bins of [0, 1].
+
+    The probability is the winning score when every row is a probability
+    vector (non-negative, summing to 1 within 1e-3), else the winner's
+    softmax; rows with a non-finite score are left out. This is the rule of
+    the bundle's calibration table (``compression.profiles.calibration_table``),
+    so the two histograms pair bin by bin.
+    """
+    x = rows.astype(np.float64, copy=False)
+    counts = np.zeros(CONFIDENCE_BINS, dtype=np.int64)
+    if not len(x):
+        return counts
+    top = x[np.arange(len(x)), winners]
+    if x.min() >= 0 and np.allclose(x.sum(axis=1), 1.0, atol=1e-3):
+        confidence = top
+    else:
+        with np.errstate(over="ignore", invalid="ignore"):
+            confidence = 1.0 / np.exp(x - top[:, None]).sum(axis=1)
+    confidence = confidence[np.isfinite(confidence)]
+    which = np.minimum((confidence * CONFIDENCE_BINS).astype(np.int64), CONFIDENCE_BINS - 1)
+    counts += np.bincount(np.maximum(which, 0), minlength=CONFIDENCE_BINS)
+    return counts
 
 
 def _ascending(edges: np.ndarray, bins: int) -> bool:

@@ -21,6 +21,9 @@ class TelemetryOptions:
     spool_max_bytes: int = 64 << 20  # bytes of records kept on disk, [4 KiB, 16 GiB]
     sample_rate: float = 0.0  # fraction of predictions whose inputs are sampled, [0, 1]
     samples_per_window: int = 0  # cap on samples per record, [0, 256]
+    # share of predictions reserved for exploration, [0, 0.5]: always sampled and
+    # flagged, whatever the model answered; in effect only while sampling is on
+    explore_share: float = 0.02
     feedback_per_window: int = 1024  # labels per record, [0, 4096]
     events_per_window: int = 256  # update events per record, [1, 256]
     publish_inflight: int = 8  # spooled records awaiting PUBACK at once, [1, 1000]
@@ -36,6 +39,7 @@ class TelemetryOptions:
             "spool_max_bytes": (4096, 16 << 30),
             "sample_rate": (0.0, 1.0),
             "samples_per_window": (0, 256),
+            "explore_share": (0.0, 0.5),
             "feedback_per_window": (0, 4096),
             "events_per_window": (1, 256),
             "publish_inflight": (1, 1000),

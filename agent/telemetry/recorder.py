@@ -6,6 +6,7 @@ vectorized aggregation off it, and one record per window written to the spool.
 
 from __future__ import annotations
 
+import bisect
 import collections
 import itertools
 import logging
@@ -14,13 +15,14 @@ import operator
 import random
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
-from agent.telemetry.binning import _bin_matrix, _Profile
+from agent.telemetry.binning import _bin_matrix, _Profile, confidence_counts
 from agent.telemetry.options import TelemetryOptions
 from agent.telemetry.spool import Spool
 from agent.telemetry.vitals import VitalsProbe
@@ -61,6 +63,8 @@ class _OutputAcc:
     hi: float = -math.inf
     classes: np.ndarray | None = None
     class_dim: int | None = None
+    confidence: np.ndarray | None = None  # top-class probability, CONFIDENCE_BINS bins
+    counts: np.ndarray | None = None  # values over the reference's edges for this output
 
 
 @dataclass
@@ -74,7 +78,10 @@ class _Window:
     features: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     channels: dict[tuple[str, int], list[Any]] = field(default_factory=dict)
     outputs: dict[int, _OutputAcc] = field(default_factory=dict)
-    samples: list[Sample] = field(default_factory=list)
+    # sampled predictions: a uniform reservoir of the window's candidates
+    # (pid, inputs, outputs, probability of being a candidate, exploration)
+    reservoir: list[tuple[Any, Any, Any, float, bool]] = field(default_factory=list)
+    candidates: int = 0
     feedback: list[Feedback] = field(default_factory=list)
     events: list[UpdateEvent] = field(default_factory=list)
     dropped: int = 0
@@ -170,6 +177,23 @@ def _add_output_values(acc: _OutputAcc, flat: np.ndarray) -> None:
         acc.hi = max(acc.hi, float(good.max()))
 
 
+def _add_confidence(acc: _OutputAcc, matrix: np.ndarray, winners: np.ndarray) -> None:
+    counts = confidence_counts(matrix, winners)
+    acc.confidence = counts if acc.confidence is None else acc.confidence + counts
+
+
+def _add_output_counts(acc: _OutputAcc, flat: np.ndarray, edges: np.ndarray | None) -> None:
+    """Count an output's finite values over its reference edges (outputs profiled by value)."""
+    if edges is None:
+        return
+    bins = len(edges) + 1
+    good = flat[np.isfinite(flat)]
+    counts = _count_over_edges(good, edges, bins)
+    if counts is None:
+        counts = np.bincount(np.searchsorted(edges, good, side="right"), minlength=bins)
+    acc.counts = counts if acc.counts is None else acc.counts + counts
+
+
 def _encode_array(array: Any) -> ArraySample | None:
     try:
         a = np.asarray(array)
@@ -230,11 +254,15 @@ class TelemetryRecorder:
         self._seen_value = 0
         self._drained = 0
         self._errors: collections.deque[str] = collections.deque(maxlen=10_000)
-        self._labels: collections.deque[tuple[int, Any]] = collections.deque(maxlen=10_000)
-        self._sampled: collections.deque[tuple[int, Any, Any]] = collections.deque(
-            maxlen=max(1, 2 * self.options.samples_per_window)
-        )
-        self._sample_rate = self.options.sample_rate if self.options.samples_per_window else 0.0
+        self._labels: collections.deque[tuple[int, Any, float]]  # (pid, label, when given)
+        self._labels = collections.deque(maxlen=10_000)
+        sampling = self.options.samples_per_window > 0 and self.options.sample_rate > 0
+        self._sample_rate = self.options.sample_rate if sampling else 0.0
+        self._explore_share = self.options.explore_share if sampling else 0.0
+        self._explore_salt = zlib.crc32(device_id.encode("utf-8"))
+        self._np_rng = np.random.default_rng(self._rng.getrandbits(64))
+        # (first pid, last pid, drain time) of recent batches of increasing integer pids
+        self._drains: collections.deque[tuple[int, int, float]] = collections.deque(maxlen=4096)
         # Predicted classes for joining feedback labels: see _remember.
         self._recent: collections.deque[tuple[Any, Any]] = collections.deque()
         self._recent_len = 0
@@ -265,8 +293,6 @@ class TelemetryRecorder:
         # Appended before counted, so aggregate() can under-count drops under
         # concurrent observers but never over-count them.
         self._seen_value = next(self._seen) + 1
-        if self._sample_rate and self._random() < self._sample_rate:
-            self._sampled.append((prediction_id, inputs, outputs))
 
     def observe_error(self, kind: str = "error") -> None:
         """Count a failed prediction (``kind``: a short lowercase word)."""
@@ -274,7 +300,31 @@ class TelemetryRecorder:
 
     def feedback(self, prediction_id: int, label: Any) -> None:
         """Attach a ground-truth label to an earlier prediction (reported with it)."""
-        self._labels.append((prediction_id, label))
+        self._labels.append((prediction_id, label, self._clock()))
+
+    def exploring(self, prediction_id: Any) -> bool:
+        """Whether ``prediction_id`` is in the exploration share (always sampled, flagged).
+
+        A fixed function of the id and the device (a SplitMix64 hash against
+        ``explore_share``), so an application can ask before it decides
+        whether to collect a label, and label exploration predictions
+        whatever the model answered: their labels are the unbiased holdout
+        of the feedback audit. False while sampling is off.
+        """
+        if not self._explore_share or type(prediction_id) is not int:
+            return False
+        if not 0 <= prediction_id < 1 << 63:
+            return False
+        return bool(self._explore_many(np.asarray([prediction_id], dtype=np.int64))[0])
+
+    def _explore_many(self, pids: np.ndarray) -> np.ndarray:
+        """``exploring`` of an array of non-negative integer ids."""
+        with np.errstate(over="ignore"):
+            z = pids.astype(np.uint64) + np.uint64(self._explore_salt * 0x9E3779B97F4A7C15 % 2**64)
+            z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+            z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+            z = z ^ (z >> np.uint64(31))
+        return np.asarray((z >> np.uint64(11)) < np.uint64(int(self._explore_share * 2**53)))
 
     # ------------------------------------------------------------ bookkeeping
 
@@ -339,7 +389,6 @@ class TelemetryRecorder:
                     w.error_kinds[kind if KIND_RE.fullmatch(kind) else "error"] += 1
             if batch:
                 self._aggregate_batch(w, batch)
-            self._take_samples(w)
             self._take_feedback(w)
         return len(batch)
 
@@ -359,6 +408,57 @@ class TelemetryRecorder:
             self._bin_features(w, inputs, stacks, self._profile)
             self._bin_channels(w, inputs, stacks, self._profile)
         self._summarise_outputs(w, outputs, pids)
+        self._note_drain(pids)
+        if self._sample_rate:
+            self._sample(w, inputs, outputs, pids)
+
+    def _note_drain(self, pids: Sequence[Any]) -> None:
+        """Remember the batch's id range and drain time, for ``predicted_at`` of feedback."""
+        if type(pids[0]) is not int:
+            return
+        try:
+            lo, hi = min(pids), max(pids)
+        except TypeError:  # ids that do not compare
+            return
+        if type(lo) is not int or type(hi) is not int:
+            return
+        if self._drains and lo <= self._drains[-1][1]:
+            self._drains.clear()  # ids started again or overlap: keep the ranges disjoint
+        self._drains.append((lo, hi, self._clock()))
+
+    def _sample(
+        self,
+        w: _Window,
+        inputs: Sequence[Any],
+        outputs: Sequence[Any],
+        pids: Sequence[Any],
+    ) -> None:
+        """Take the batch's sampling candidates into the window's reservoir.
+
+        A prediction is a candidate with probability ``sample_rate``, or
+        always when it is in the exploration share; the window keeps a uniform
+        reservoir of at most ``samples_per_window`` candidates (Algorithm R),
+        so a kept sample's inclusion probability is its candidate probability
+        times ``min(1, kept / candidates)``, stated in the record.
+        """
+        n = len(pids)
+        explore = np.zeros(n, dtype=bool)
+        if self._explore_share:
+            ints = [p if type(p) is int and 0 <= p < 1 << 63 else -1 for p in pids]
+            ids = np.asarray(ints, dtype=np.int64)
+            explore = self._explore_many(np.maximum(ids, 0)) & (ids >= 0)
+        chosen = np.flatnonzero(explore | (self._np_rng.random(n) < self._sample_rate))
+        cap = self.options.samples_per_window
+        for k in chosen.tolist():
+            flagged = bool(explore[k])
+            item = (pids[k], inputs[k], outputs[k], 1.0 if flagged else self._sample_rate, flagged)
+            w.candidates += 1
+            if len(w.reservoir) < cap:
+                w.reservoir.append(item)
+            else:
+                slot = self._rng.randrange(w.candidates)
+                if slot < cap:
+                    w.reservoir[slot] = item
 
     # Each step below has a fast path for the common batch (every observation
     # gives the same kind of array, so the batch is one concatenation) and the
@@ -472,6 +572,7 @@ class TelemetryRecorder:
         acc[4] += float(np.square(good).sum())
 
     def _summarise_outputs(self, w: _Window, outputs: Sequence[Any], pids: Sequence[Any]) -> None:
+        edges = self._profile.outputs if self._profile is not None else {}
         same_length = False
         if set(map(type, outputs)) <= {list, tuple}:
             lengths = set(map(len, outputs))
@@ -484,7 +585,9 @@ class TelemetryRecorder:
             stacked = _stack(column) if column else None
             if column is not None and stacked is not None:
                 acc = w.outputs.setdefault(j, _OutputAcc())
-                _add_output_values(acc, stacked.astype(np.float64, copy=False).ravel())
+                flat = stacked.astype(np.float64, copy=False).ravel()
+                _add_output_values(acc, flat)
+                _add_output_counts(acc, flat, edges.get(j))
                 self._count_stacked_classes(acc, column, stacked, pids if j == 0 else None)
                 continue
             arrays = []
@@ -505,6 +608,7 @@ class TelemetryRecorder:
             acc = w.outputs.setdefault(j, _OutputAcc())
             flat = np.concatenate([a.astype(np.float64, copy=False).ravel() for a in arrays])
             _add_output_values(acc, flat)
+            _add_output_counts(acc, flat, edges.get(j))
             self._count_classes(acc, arrays, kept if j == 0 else None)
 
     def _count_classes(
@@ -522,8 +626,10 @@ class TelemetryRecorder:
         if acc.class_dim != dim or acc.classes is None:
             return
         lengths = [len(r) for r in rows]
-        winners = np.argmax(np.concatenate(rows), axis=1)
+        matrix = np.concatenate(rows)
+        winners = np.argmax(matrix, axis=1)
         acc.classes += np.bincount(winners, minlength=dim)
+        _add_confidence(acc, matrix, winners)
         if pids is not None and len(rows) == len(pids):
             starts = np.cumsum([0, *lengths[:-1]])
             kept = [k for k, length in enumerate(lengths) if length]
@@ -546,8 +652,10 @@ class TelemetryRecorder:
             acc.classes = np.zeros(dim, dtype=np.int64)
         if acc.class_dim != dim or acc.classes is None:
             return
-        winners = np.argmax(stacked.reshape(-1, dim), axis=1)
+        matrix = stacked.reshape(-1, dim)
+        winners = np.argmax(matrix, axis=1)
         acc.classes += np.bincount(winners, minlength=dim)
+        _add_confidence(acc, matrix, winners)
         per_item = math.prod(first.shape[1:-1])  # rows of `dim` per leading index
         if pids is None or not per_item:
             return
@@ -631,11 +739,11 @@ class TelemetryRecorder:
         self._recent_top = -math.inf
         self._recent_map = None
 
-    def _take_samples(self, w: _Window) -> None:
-        while self._sampled:
-            pid, inputs, outputs = self._sampled.popleft()
-            if len(w.samples) >= self.options.samples_per_window:
-                continue
+    def _samples(self, w: _Window) -> tuple[Sample, ...]:
+        """The window's reservoir encoded, in prediction order, with inclusion probabilities."""
+        kept = min(1.0, len(w.reservoir) / w.candidates) if w.candidates else 1.0
+        out = []
+        for pid, inputs, outputs, chance, flagged in w.reservoir:
             encoded_in = {}
             if isinstance(inputs, Mapping):
                 for name, value in list(inputs.items())[:64]:
@@ -644,19 +752,40 @@ class TelemetryRecorder:
                         encoded_in[str(name)[:256]] = enc
             encoded_out = tuple(
                 e for e in (_encode_array(o) for o in list(outputs)[:64]) if e is not None
-            )
-            w.samples.append(Sample(int(pid), encoded_in, encoded_out))
+            ) if isinstance(outputs, Sequence) else ()  # fmt: skip
+            try:
+                sample = Sample(int(pid), encoded_in, encoded_out, chance * kept, flagged)
+            except (MalformedMessageError, TypeError, ValueError):
+                w.error_kinds["bad-sample"] += 1
+                continue
+            out.append(sample)
+        out.sort(key=lambda smp: smp.prediction_id)
+        return tuple(out)
+
+    def _predicted_at(self, pid: Any) -> float | None:
+        """When ``pid`` was drained (within ``aggregate_interval_s`` of the prediction)."""
+        if type(pid) is not int or not self._drains or pid < self._drains[0][0]:
+            return None
+        k = bisect.bisect_right([first for first, _, _ in self._drains], pid) - 1
+        first, last, when = self._drains[k]
+        return round(when, 3) if first <= pid <= last else None
 
     def _take_feedback(self, w: _Window) -> None:
         while self._labels:
-            pid, label = self._labels.popleft()
+            pid, label, given = self._labels.popleft()
             if len(w.feedback) >= self.options.feedback_per_window:
                 w.dropped += 1
                 continue
             if isinstance(label, np.generic):
                 label = label.item()
             try:
-                w.feedback.append(Feedback(int(pid), label, self._predicted(pid)))
+                w.feedback.append(
+                    Feedback(
+                        int(pid), label, self._predicted(pid),
+                        self.exploring(pid) if self._explore_share else None,
+                        self._predicted_at(pid), round(max(given, 0.0), 3),
+                    )
+                )  # fmt: skip
             except (MalformedMessageError, TypeError, ValueError):
                 w.error_kinds["bad-feedback"] += 1
 
@@ -688,6 +817,8 @@ class TelemetryRecorder:
                     _stat(acc.lo) if acc.count else None,
                     _stat(acc.hi) if acc.count else None,
                     None if acc.classes is None else tuple(int(c) for c in acc.classes),
+                    None if acc.confidence is None else tuple(int(c) for c in acc.confidence),
+                    None if acc.counts is None else tuple(int(c) for c in acc.counts),
                 )
             )
         features = []
@@ -744,7 +875,7 @@ class TelemetryRecorder:
             events=tuple(w.events),
             spool=counters,
             dropped_observations=w.dropped,
-            samples=tuple(w.samples),
+            samples=self._samples(w),
             feedback=tuple(w.feedback),
         )
         return record.to_bytes()

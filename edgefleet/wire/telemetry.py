@@ -92,6 +92,11 @@ class OutputSummary(WireStruct, frozen=True):
 
     ``classes`` counts the argmax over the last axis per row when the output
     looks like class scores (rank >= 2, 2-1024 columns); otherwise ``None``.
+    Added later, optional (absent is ``None``): ``confidence`` counts the rows'
+    top-class probability in 10 equal-width bins of [0, 1] (class scores
+    only; the scores themselves when every row is a probability vector,
+    else their softmax); ``counts`` counts the output's values over the drift
+    reference's edges for that output (outputs that are not class scores).
     """
 
     what = "outputs[]"
@@ -102,6 +107,8 @@ class OutputSummary(WireStruct, frozen=True):
     min: OptFinite
     max: OptFinite
     classes: Classes | None = wire_default("classes", None)
+    confidence: Histogram | None = None
+    counts: Histogram | None = None
 
 
 class FeatureCounts(WireStruct, frozen=True):
@@ -221,12 +228,20 @@ class ArraySample(WireStruct, frozen=True, rename={"data": "data_b64"}):
 
 
 class Sample(WireStruct, frozen=True):
-    """A sampled prediction: its inputs and outputs (sampling is off by default)."""
+    """A sampled prediction: its inputs and outputs (sampling is off by default).
+
+    Added later, optional: ``inclusion_probability``, the probability with
+    which this prediction was taken into the samples (absent: unknown), and
+    ``exploration``, true when it belongs to the exploration share, sampled
+    regardless of the model's output.
+    """
 
     what = "samples[]"
     prediction_id: Count
     inputs: Annotated[dict[Text, ArraySample], Meta(max_length=64)]
     outputs: Annotated[tuple[ArraySample, ...], Meta(max_length=64)]
+    inclusion_probability: Annotated[float, Meta(gt=0, le=1)] | None = None
+    exploration: bool = False
 
 
 Label = (
@@ -244,6 +259,12 @@ class Feedback(WireStruct, frozen=True):
     prediction_id: Count
     label: Label
     predicted: Count | None = wire_default("predicted", None)  # argmax of output 0, if known
+    # Added later, optional (absent: unknown): whether the prediction was in the
+    # exploration share, when it was made (to the drain, within a second) and
+    # when its label was given.
+    exploration: bool | None = None
+    predicted_at: UnixTs | None = None
+    labelled_at: UnixTs | None = None
 
 
 class _TelemetryType(WireStruct, frozen=True, kw_only=True, rename={"msg_type": "type"}):

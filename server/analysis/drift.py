@@ -172,8 +172,8 @@ def profile_references(
 
     Keys are ``("feature", input, column)``, ``("channel", input, channel)`` and
     ``("output", "", output index)``; a channel is named ``input[channel]``,
-    an output by its name. Output references count predicted classes, so
-    they have no edges.
+    an output by its name. An output reference counts predicted classes
+    (class scores: no edges) or, for any other output, its values over edges.
 
     Raises:
         AnalysisError: an entry does not fit its bins.
@@ -189,10 +189,15 @@ def profile_references(
         out[("channel", str(c["input"]), int(c["channel"]))] = ref
     for o in profile.get("outputs", []):
         counts = tuple(float(x) for x in o["counts"])
+        edges = tuple(float(e) for e in o.get("edges") or ())
         if len(counts) < 2 or min(counts) < 0 or sum(counts) <= 0:
             raise AnalysisError(f"output {o.get('name')}: reference needs non-negative counts")
+        if edges and len(edges) != len(counts) - 1:
+            raise AnalysisError(
+                f"output {o.get('name')}: {len(edges)} edges for {len(counts)} bins"
+            )
         out[("output", "", int(o["index"]))] = ReferenceHistogram(
-            str(o["name"]), int(o["index"]), (), counts
+            str(o["name"]), int(o["index"]), edges, counts
         )
     return out
 
@@ -201,7 +206,8 @@ def record_histograms(record: Mapping[str, Any]) -> list[tuple[SubjectKey, list[
     """The histograms one telemetry record carries, keyed like ``profile_references``.
 
     Features and channels give their counts over the reference's edges and
-    their non-finite values; each classifier output its predicted-class counts.
+    their non-finite values; each classifier output its predicted-class
+    counts, any other profiled output its value counts over the edges.
     """
     out: list[tuple[SubjectKey, list[int], int]] = []
     for f in record.get("features") or []:
@@ -211,8 +217,9 @@ def record_histograms(record: Mapping[str, Any]) -> list[tuple[SubjectKey, list[
         key = ("channel", str(c.get("input")), int(c.get("channel", -1)))
         out.append((key, list(c.get("counts") or []), int(c.get("nonfinite", 0))))
     for o in record.get("outputs") or []:
-        if o.get("classes"):
-            out.append((("output", "", int(o.get("index", -1))), list(o["classes"]), 0))
+        counts = o.get("classes") or o.get("counts")
+        if counts:
+            out.append((("output", "", int(o.get("index", -1))), list(counts), 0))
     return out
 
 

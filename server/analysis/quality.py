@@ -21,7 +21,20 @@ from typing import Any
 
 from server.analysis.verdict import Status
 
-__all__ = ["Accuracy", "accuracy", "feedback_audit", "judge", "scored_pairs", "tally"]
+__all__ = [
+    "Accuracy",
+    "Estimate",
+    "accuracy",
+    "effective_sample_size",
+    "estimate_accuracy",
+    "feedback_audit",
+    "judge",
+    "judge_estimate",
+    "label_delays",
+    "scored_pairs",
+    "split_by_exploration",
+    "tally",
+]
 
 Z95 = 1.959963984540054
 
@@ -164,3 +177,160 @@ def feedback_audit(
         ),
         "classes": rows,
     }
+
+
+# ------------------------------------------------------------ label-free estimate
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Accuracy estimated from confidences and the bundle's calibration table (no labels).
+
+    ``n`` rows with a confidence; ``estimated`` the accuracy they imply;
+    ``reference`` the accuracy on the evaluation data; ``uncovered`` the
+    share of rows in confidence bins the evaluation data never reached
+    (counted at the bin's midpoint).
+    """
+
+    n: int
+    estimated: float | None
+    reference: float | None
+    uncovered: float
+
+    @property
+    def drop(self) -> float | None:
+        if self.estimated is None or self.reference is None:
+            return None
+        return self.reference - self.estimated
+
+    def to_dict(self) -> dict[str, Any]:
+        def r(x: float | None) -> float | None:
+            return None if x is None else round(x, 6)
+
+        return {
+            "n": self.n,
+            "estimated_accuracy": r(self.estimated),
+            "reference_accuracy": r(self.reference),
+            "estimated_drop": r(self.drop),
+            "uncovered_share": round(self.uncovered, 6),
+        }
+
+
+def estimate_accuracy(calibration: Mapping[str, Any], confidence: Iterable[int]) -> Estimate:
+    """Confidence-based performance estimation (CBPE, as NannyML names it), from histograms.
+
+    ``calibration`` is the manifest's table (confidence bin -> accuracy on
+    the evaluation data); ``confidence`` the devices' counts of the top-class
+    probability in the same bins. The estimate is the count-weighted mean of
+    the bins' evaluation accuracy: it holds while the model stays as
+    calibrated as on the evaluation data (covariate shift, not concept
+    drift, which only labels show).
+
+    Raises:
+        ValueError: the histogram does not have the table's number of bins.
+    """
+    bins = list(calibration.get("bins") or [])
+    counts = [int(c) for c in confidence]
+    if len(counts) != len(bins):
+        raise ValueError(f"{len(counts)} confidence bins for a calibration table of {len(bins)}")
+    ref_n = sum(int(b["n"]) for b in bins)
+    reference = (
+        sum(int(b["n"]) * float(b["accuracy"]) for b in bins if b["n"]) / ref_n if ref_n else None
+    )
+    n = sum(counts)
+    if not n:
+        return Estimate(0, None, reference, 0.0)
+    total = uncovered = 0.0
+    for b, c in zip(bins, counts, strict=True):
+        if b["accuracy"] is None:
+            total += c * (float(b["lo"]) + float(b["hi"])) / 2
+            uncovered += c
+        else:
+            total += c * float(b["accuracy"])
+    return Estimate(n, total / n, reference, uncovered / n)
+
+
+def judge_estimate(e: Estimate, max_drop: float, min_n: int = 500) -> tuple[Status, str]:
+    """The verdict of an estimated accuracy drop against the allowed ``max_drop``."""
+    drop = e.drop
+    if e.n < min_n or drop is None:
+        return Status.INSUFFICIENT, f"{e.n} rows with a confidence, fewer than {min_n}"
+    if drop > max_drop:
+        return Status.ALARM, (
+            f"estimated accuracy {e.estimated:.3f} is {drop:.3f} below the reference "
+            f"{e.reference:.3f} (allowed {max_drop:.3f})"
+        )
+    return Status.OK, f"estimated accuracy drop {drop:.3f} <= {max_drop:.3f}"
+
+
+# ------------------------------------------------------------ feedback-loop audit
+
+
+def label_delays(feedback: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """Seconds from prediction to label, over the entries that carry both times.
+
+    Negative differences (a label given before the prediction's drain, within
+    the agent's aggregation interval) count as 0.
+    """
+    delays = []
+    without = 0
+    for f in feedback:
+        a, b = f.get("predicted_at"), f.get("labelled_at")
+        if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+            delays.append(max(0.0, float(b) - float(a)))
+        else:
+            without += 1
+    if not delays:
+        return {"labels_with_times": 0, "labels_without_times": without,
+                "p50_s": None, "p90_s": None, "max_s": None}  # fmt: skip
+    delays.sort()
+
+    def q(p: float) -> float:
+        return round(delays[min(len(delays) - 1, math.ceil(p * len(delays)) - 1)], 3)
+
+    return {"labels_with_times": len(delays), "labels_without_times": without,
+            "p50_s": q(0.5), "p90_s": q(0.9), "max_s": round(delays[-1], 3)}  # fmt: skip
+
+
+def split_by_exploration(
+    feedback: Iterable[Mapping[str, Any]],
+) -> tuple[Accuracy, Accuracy, int]:
+    """Accuracy on the exploration holdout, on the other (model-selected) labels, and unflagged.
+
+    Exploration predictions are labelled whatever the model answered, so
+    their accuracy is an unbiased estimate; the others' labels may have been
+    chosen by the model's own answers. The third value counts scored labels
+    from devices that do not flag exploration.
+    """
+    explored, selected = [], []
+    unflagged = 0
+    for f in feedback:
+        flag = f.get("exploration")
+        if flag is True:
+            explored.append(f)
+        elif flag is False:
+            selected.append(f)
+        else:
+            unflagged += 1
+    return tally(explored), tally(selected), unflagged
+
+
+def effective_sample_size(probabilities: Iterable[float | None]) -> dict[str, Any]:
+    """Kish's effective sample size of rows weighted by 1 / inclusion probability.
+
+    ``(sum w)^2 / sum w^2``: n for equal probabilities, less the more they
+    vary. Rows without a probability (older devices) are counted apart.
+    """
+    weights = []
+    unknown = 0
+    for p in probabilities:
+        if isinstance(p, (int, float)) and not isinstance(p, bool) and 0 < p <= 1:
+            weights.append(1.0 / float(p))
+        else:
+            unknown += 1
+    if not weights:
+        return {"rows": 0, "rows_without_probability": unknown, "effective_sample_size": None}
+    total = math.fsum(weights)
+    ess = total * total / math.fsum(w * w for w in weights)
+    return {"rows": len(weights), "rows_without_probability": unknown,
+            "effective_sample_size": round(ess, 3)}  # fmt: skip

@@ -7,7 +7,11 @@ A policy (per model) names what makes retraining due:
   ``on_outputs`` is set (``output:NAME``);
 * the labelled accuracy below ``min_accuracy`` (an ``alarm`` of
   ``server.analysis.quality.judge``: even the 95% interval's upper end is
-  below).
+  below);
+* the estimated accuracy drop above ``max_estimated_drop`` (label-free:
+  devices' confidence histograms against the bundle's calibration table,
+  ``server.analysis.quality.estimate_accuracy``), once ``min_estimate_n``
+  rows are in.
 
 ``decide`` answers ``fire`` with the first reason found, unless the model's
 last request is younger than ``cooldown_s`` (then it says so). The same
@@ -22,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edgefleet.errors import ConfigError
-from server.analysis.quality import Accuracy, judge
+from server.analysis.quality import Accuracy, Estimate, judge, judge_estimate
 from server.analysis.verdict import Status
 
 __all__ = ["Decision", "Policy", "decide"]
@@ -38,6 +42,8 @@ class Policy:
     min_labels: int = 200
     cooldown_s: float = 86_400.0
     enabled: bool = True
+    max_estimated_drop: float | None = None
+    min_estimate_n: int = 500
 
     def __post_init__(self) -> None:
         if len(self.key_features) > 256 or any(
@@ -48,6 +54,10 @@ class Policy:
             raise ConfigError(f"min_accuracy={self.min_accuracy} must be in [0, 1]")
         if not 1 <= self.min_labels <= 10_000_000:
             raise ConfigError(f"min_labels={self.min_labels} must be in [1, 10000000]")
+        if self.max_estimated_drop is not None and not 0.0 < self.max_estimated_drop <= 1.0:
+            raise ConfigError(f"max_estimated_drop={self.max_estimated_drop} must be in (0, 1]")
+        if not 1 <= self.min_estimate_n <= 10_000_000:
+            raise ConfigError(f"min_estimate_n={self.min_estimate_n} must be in [1, 10000000]")
         if not 60 <= self.cooldown_s <= 365 * 86_400:
             raise ConfigError(f"cooldown_s={self.cooldown_s} must be in [60, 31536000]")
 
@@ -59,10 +69,20 @@ class Policy:
             "min_labels": self.min_labels,
             "cooldown_s": self.cooldown_s,
             "enabled": self.enabled,
+            "max_estimated_drop": self.max_estimated_drop,
+            "min_estimate_n": self.min_estimate_n,
         }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Policy:
+        """A policy from its JSON form (missing fields take their defaults).
+
+        Raises:
+            ConfigError: a field is out of bounds or of the wrong type.
+        """
+        features = d.get("key_features", ())
+        if isinstance(features, str) or not isinstance(features, (list, tuple)):
+            raise ConfigError("key_features must be a list of feature names")
         return cls(
             key_features=tuple(d.get("key_features", ())),
             on_outputs=bool(d.get("on_outputs", True)),
@@ -70,6 +90,8 @@ class Policy:
             min_labels=int(d.get("min_labels", 200)),
             cooldown_s=float(d.get("cooldown_s", 86_400.0)),
             enabled=bool(d.get("enabled", True)),
+            max_estimated_drop=d.get("max_estimated_drop"),
+            min_estimate_n=int(d.get("min_estimate_n", 500)),
         )
 
 
@@ -90,8 +112,13 @@ def decide(
     now: float,
     *,
     psi: Mapping[str, float | None] | None = None,
+    estimate: Estimate | None = None,
 ) -> Decision:
-    """Decide for one model version from its fleet alert levels (subject -> level) and accuracy."""
+    """Decide for one model version from its fleet alert levels (subject -> level) and accuracy.
+
+    ``estimate`` is the label-free accuracy estimate of the same window, if
+    the bundle has a calibration table.
+    """
     if not policy.enabled:
         return Decision(False, "the policy is disabled")
     reasons: list[tuple[str, dict[str, Any]]] = []
@@ -114,6 +141,11 @@ def decide(
         if status is Status.ALARM:
             reasons.append((why, {"kind": "accuracy", **quality.to_dict(),
                                   "required": policy.min_accuracy}))  # fmt: skip
+    if policy.max_estimated_drop is not None and estimate is not None:
+        status, why = judge_estimate(estimate, policy.max_estimated_drop, policy.min_estimate_n)
+        if status is Status.ALARM:
+            reasons.append((why, {"kind": "estimated", **estimate.to_dict(),
+                                  "allowed_drop": policy.max_estimated_drop}))  # fmt: skip
     if not reasons:
         return Decision(False, "no trigger of the policy holds")
     if last_request_at is not None and now - last_request_at < policy.cooldown_s:

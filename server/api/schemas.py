@@ -340,6 +340,13 @@ class RetrainPolicyBody(BaseModel):
         86_400.0, ge=60, le=31_536_000, description="seconds between requests"
     )
     enabled: bool = True
+    max_estimated_drop: float | None = Field(
+        None, gt=0.0, le=1.0,
+        description="an estimated (label-free) accuracy drop above this fires",
+    )  # fmt: skip
+    min_estimate_n: int = Field(
+        500, ge=1, le=10_000_000, description="rows with a confidence needed to judge it"
+    )
 
 
 class RetrainRequestPublic(BaseModel):

@@ -104,6 +104,9 @@ def add_retrain_parser(sub: argparse._SubParsersAction) -> None:
     pol.add_argument("--on-outputs", choices=("yes", "no"), default=None)
     pol.add_argument("--min-accuracy", type=float, default=None)
     pol.add_argument("--min-labels", type=int, default=None)
+    pol.add_argument("--max-estimated-drop", type=float, default=None,
+                     help="label-free: fire when the estimated accuracy drops by more")  # fmt: skip
+    pol.add_argument("--min-estimate-n", type=int, default=None)
     pol.add_argument("--cooldown", type=float, default=None, help="seconds between requests")
     pol.add_argument("--enabled", choices=("yes", "no"), default=None)
     client_args(pol)
@@ -159,7 +162,9 @@ def _retrain_policy(args: argparse.Namespace) -> int:
     if args.key_features is not None:
         changes["key_features"] = [f for f in args.key_features.split(",") if f]
     for key, value in (("min_accuracy", args.min_accuracy), ("min_labels", args.min_labels),
-                       ("cooldown_s", args.cooldown)):  # fmt: skip
+                       ("cooldown_s", args.cooldown),
+                       ("max_estimated_drop", args.max_estimated_drop),
+                       ("min_estimate_n", args.min_estimate_n)):  # fmt: skip
         if value is not None:
             changes[key] = value
     for key, value in (("on_outputs", args.on_outputs), ("enabled", args.enabled)):

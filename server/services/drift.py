@@ -45,7 +45,16 @@ from server.analysis.judge import (
     judge_many,
     outliers,
 )
-from server.analysis.quality import Accuracy, feedback_audit, scored_pairs, tally
+from server.analysis.quality import (
+    Accuracy,
+    effective_sample_size,
+    estimate_accuracy,
+    feedback_audit,
+    label_delays,
+    scored_pairs,
+    split_by_exploration,
+    tally,
+)
 from server.analysis.verdict import Status, Thresholds, worst
 from server.errors import InvalidInputError, NotFoundError
 from server.models import DeviceGroup, Model, ModelVersion, TelemetryRow
@@ -121,14 +130,37 @@ def _rows(
     yield from session.scalars(q.order_by(TelemetryRow.id).execution_options(yield_per=500))
 
 
+def calibration_of(version: ModelVersion) -> dict[str, Any] | None:
+    """The calibration table of a version's drift reference (None without one)."""
+    if version.manifest is None:
+        return None
+    try:
+        profile = Manifest.from_bytes(version.manifest).drift_reference
+    except EdgefleetError:
+        return None
+    table = (profile or {}).get("calibration")
+    return dict(table) if table else None
+
+
+def record_confidence(record: dict[str, Any], output: int) -> list[int] | None:
+    """The ``confidence`` histogram of output ``output`` in one telemetry record, if sent."""
+    for o in record.get("outputs") or []:
+        if o.get("index") == output and o.get("confidence"):
+            return [int(c) for c in o["confidence"]]
+    return None
+
+
 def device_histograms(
     rows: Iterator[TelemetryRow],
     refs: dict[SubjectKey, ReferenceHistogram],
     quality: dict[str, Accuracy] | None = None,
+    confidence: tuple[int, dict[str, list[int]]] | None = None,
 ) -> tuple[dict[str, dict[SubjectKey, Observed]], int, int]:
     """Per device and subject, the summed counts; and (records read, histograms skipped).
 
-    When ``quality`` is given, each device's feedback labels are scored into it.
+    When ``quality`` is given, each device's feedback labels are scored into
+    it; when ``confidence`` is ``(output, sums)``, each device's confidence
+    histograms of that output are summed into ``sums``.
     """
     sums: dict[str, dict[SubjectKey, list[int]]] = {}
     records = skipped = 0
@@ -138,6 +170,12 @@ def device_histograms(
         if quality is not None:
             scored = tally(row.record.get("feedback") or [])
             quality[row.device_id] = quality.get(row.device_id, Accuracy(0, 0)) + scored
+        if confidence is not None:
+            hist = record_confidence(row.record, confidence[0])
+            if hist is not None:
+                acc = confidence[1].setdefault(row.device_id, [0] * len(hist))
+                if len(acc) == len(hist):
+                    confidence[1][row.device_id] = [a + b for a, b in zip(acc, hist, strict=True)]
         for key, counts, nonfinite in record_histograms(row.record):
             ref = refs.get(key)
             if ref is None or len(counts) != ref.bins:
@@ -178,11 +216,23 @@ def report(
     )
     digest, refs = reference_of(row, t)
     quality: dict[str, Accuracy] = {}
+    calibration = calibration_of(row)
+    confidence: dict[str, list[int]] = {}
     per_device, records, skipped = device_histograms(
         _rows(session, model, row.version, group=group, device=device, since=since, until=until),
         refs,
         quality,
+        None if calibration is None else (int(calibration["output"]), confidence),
     )
+
+    def estimated(hist: list[int] | None) -> dict[str, Any] | None:
+        if calibration is None:
+            return None
+        bins = len(calibration["bins"])
+        counts = hist if hist is not None and len(hist) == bins else [0] * bins
+        return estimate_accuracy(calibration, counts).to_dict()
+
+    fleet_confidence = [sum(col) for col in zip(*confidence.values(), strict=True)] or None
     keys = list(refs)
     devices = sorted(per_device)
 
@@ -233,12 +283,18 @@ def report(
         "skipped_histograms": skipped,
         "status": worst([v.status for v in pooled.values()]).value,
         **sections(pooled),
-        "quality": sum(quality.values(), Accuracy(0, 0)).to_dict(),
+        "quality": {
+            **sum(quality.values(), Accuracy(0, 0)).to_dict(),
+            "estimated": estimated(fleet_confidence),
+        },
         "devices": {
             d: {
                 "status": worst([v.status for v in by_device[d].values()]).value,
                 **sections(by_device[d]),
-                "quality": quality.get(d, Accuracy(0, 0)).to_dict(),
+                "quality": {
+                    **quality.get(d, Accuracy(0, 0)).to_dict(),
+                    "estimated": estimated(confidence.get(d)),
+                },
                 "outliers": outlying[d],
                 # a device verdict under a scope verdict at least as severe is not news
                 "suppressed": [
@@ -266,9 +322,9 @@ def feedback_report(
 
     Predictions per class come from output 0's class counts, labels from
     ``feedback[]`` (scored when the label is a class id and the prediction
-    known). What devices do not report yet is stated as null with the reason:
-    label delay, the exploration holdout, and the export's effective sample
-    size need per-sample timestamps, flags and inclusion probabilities.
+    known); the label delay from their ``predicted_at``/``labelled_at``; the
+    exploration holdout from their ``exploration`` flags; the samples'
+    effective size from their inclusion probabilities (Kish).
 
     Raises:
         NotFoundError: no such model or version.
@@ -280,6 +336,8 @@ def feedback_report(
     )
     predicted: dict[int, int] = {}
     pairs: list[tuple[int, int]] = []
+    feedback: list[dict[str, Any]] = []
+    probabilities: list[float | None] = []
     unscored = records = 0
     for r in _rows(session, model, row.version, group=None, device=None, since=since, until=until):
         records += 1
@@ -287,18 +345,30 @@ def feedback_report(
             if o.get("index") == 0 and o.get("classes"):
                 for c, k in enumerate(o["classes"]):
                     predicted[c] = predicted.get(c, 0) + int(k)
-        scored, skipped = scored_pairs(r.record.get("feedback") or [])
+        entries = r.record.get("feedback") or []
+        scored, skipped = scored_pairs(entries)
         pairs += scored
         unscored += skipped
+        feedback += entries
+        probabilities += [s.get("inclusion_probability") for s in r.record.get("samples") or []]
     audit = feedback_audit(predicted, pairs, unscored)
+    explored, selected, unflagged = split_by_exploration(feedback)
     return {
         "model": model,
         "version": row.version,
         "records": records,
         **audit,
-        "not_reported": {
-            "label_delay": "devices do not timestamp labels yet",
-            "exploration_holdout": "devices do not flag exploration samples yet",
-            "effective_sample_size": "samples carry no inclusion probability yet",
+        "label_delay": label_delays(feedback),
+        "exploration_holdout": {
+            "exploration": explored.to_dict(),
+            "model_selected": selected.to_dict(),
+            "unflagged_labels": unflagged,
+            # the holdout's accuracy is unbiased; a gap says the labels are chosen by the model
+            "accuracy_gap": (
+                None
+                if explored.value is None or selected.value is None
+                else round(selected.value - explored.value, 6)
+            ),
         },
+        "samples": effective_sample_size(probabilities),
     }

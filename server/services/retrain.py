@@ -44,13 +44,18 @@ from edgefleet import canonical
 from edgefleet.errors import ConfigError
 from edgefleet.fsutil import atomic_write_bytes
 from edgefleet.manifest import Manifest
-from server.analysis.quality import Accuracy, tally
+from server.analysis.quality import (
+    Accuracy,
+    effective_sample_size,
+    estimate_accuracy,
+    tally,
+)
 from server.analysis.retrain import Policy, decide
 from server.analysis.verdict import Status
 from server.errors import InvalidInputError, NotFoundError
 from server.models import DriftAlert, RetrainPolicy, RetrainRequest, TelemetryRow
 from server.services import audit
-from server.services.drift import latest_published
+from server.services.drift import calibration_of, latest_published, record_confidence
 from server.services.registry.catalog import get_model
 from server.settings import Settings
 
@@ -90,11 +95,21 @@ def set_policy(
     return parsed
 
 
-def get_policy(session: Session, model: str) -> Policy | None:
-    """The model's policy, or None (raises NotFoundError for an unknown model)."""
+def get_policy(
+    session: Session, model: str, configured: Mapping[str, Mapping[str, Any]] | None = None
+) -> Policy | None:
+    """The model's policy: set through the API, else ``configured`` (the server config), else None.
+
+    Raises:
+        NotFoundError: no such model.
+    """
     get_model(session, model)
     row = session.get(RetrainPolicy, model)
-    return None if row is None else Policy.from_dict(row.policy)
+    if row is not None:
+        return Policy.from_dict(row.policy)
+    if configured and model in configured:
+        return Policy.from_dict(configured[model])
+    return None
 
 
 def _fleet_levels(session: Session, digest: str) -> tuple[dict[str, Status], dict[str, Any]]:
@@ -128,28 +143,43 @@ def evaluate_policies(session: Session, settings: Settings, now: datetime) -> li
     """Decide every policy; store and export the requests that fire. Returns their ids."""
     fired = []
     window = timedelta(hours=settings.retrain_window_hours)
-    for row in session.scalars(select(RetrainPolicy).order_by(RetrainPolicy.model_name)).all():
-        policy = Policy.from_dict(row.policy)
+    # the server configuration's policies, overridden per model by those set through the API
+    policies = {name: Policy.from_dict(p) for name, p in settings.retrain_policies.items()}
+    for row in session.scalars(select(RetrainPolicy)).all():
+        policies[row.model_name] = Policy.from_dict(row.policy)
+    for model_name, policy in sorted(policies.items()):
         try:
-            version = latest_published(session, row.model_name)
+            version = latest_published(session, model_name)
         except NotFoundError:
             continue
         if version.manifest is None or version.manifest_sha256 is None:
             continue
         levels, psi = _fleet_levels(session, version.manifest_sha256)
         start = now - window
-        records = list(_window_rows(session, row.model_name, version.version, start, now))
+        records = list(_window_rows(session, model_name, version.version, start, now))
         quality = Accuracy(0, 0)
+        calibration = calibration_of(version)
+        confidence: list[int] | None = None
         for _, record in records:
             quality = quality + tally(record.get("feedback") or [])
+            if calibration is not None:
+                hist = record_confidence(record, int(calibration["output"]))
+                if hist is not None and len(hist) == len(calibration["bins"]):
+                    confidence = hist if confidence is None else [
+                        a + b for a, b in zip(confidence, hist, strict=True)
+                    ]  # fmt: skip
+        estimate = None
+        if calibration is not None:
+            counts = confidence or [0] * len(calibration["bins"])
+            estimate = estimate_accuracy(calibration, counts)
         last = session.scalar(
             select(func.max(RetrainRequest.created_at)).where(
-                RetrainRequest.model_name == row.model_name
+                RetrainRequest.model_name == model_name
             )
         )
         decision = decide(
             policy, levels, quality, None if last is None else last.timestamp(), now.timestamp(),
-            psi=psi,
+            psi=psi, estimate=estimate,
         )  # fmt: skip
         if not decision.fire:
             continue
@@ -252,9 +282,12 @@ def export_arrays(
     One row per sampled input row: ``input__NAME`` (stacked when every
     sample of that input has one dtype and trailing shape; the samples that
     do not fit are counted in ``skipped``), ``device_id``, ``prediction_id``,
-    ``label`` (text; empty when none arrived), ``labelled`` (bool), and
-    ``inclusion_probability`` (NaN: devices of this protocol version do not
-    report their sampling rate, so rows cannot be reweighted yet).
+    ``label`` (text; empty when none arrived), ``labelled`` (bool),
+    ``inclusion_probability`` (the device's probability of taking this
+    prediction into its samples; NaN from devices that do not report it) and
+    ``exploration`` (sampled regardless of the model's output). Weighting
+    rows by ``1 / inclusion_probability`` undoes the sampling; the stats
+    give Kish's effective sample size of those weights.
     """
     records = list(records)
     labels: dict[tuple[str, int], Any] = {}
@@ -266,6 +299,9 @@ def export_arrays(
     pids: list[int] = []
     row_labels: list[str] = []
     labelled: list[bool] = []
+    chances: list[float] = []
+    explored: list[bool] = []
+    per_sample: list[float | None] = []
     skipped = 0
     shapes: dict[str, tuple[str, tuple[int, ...]]] = {}
     for device, record in records:
@@ -291,6 +327,10 @@ def export_arrays(
                 columns.setdefault(name, []).append(a)
             pid = int(s["prediction_id"])
             label = labels.get((device, pid))
+            chance = s.get("inclusion_probability")
+            per_sample.append(chance)
+            chances += [float("nan") if chance is None else float(chance)] * n
+            explored += [s.get("exploration") is True] * n
             devices += [device] * n
             pids += [pid] * n
             row_labels += ["" if label is None else str(label)] * n
@@ -304,14 +344,20 @@ def export_arrays(
         prediction_id=np.asarray(pids, dtype=np.int64),
         label=np.asarray(row_labels, dtype=str),
         labelled=np.asarray(labelled, dtype=bool),
-        inclusion_probability=np.full(rows, np.nan),
+        inclusion_probability=np.asarray(chances, dtype=np.float64),
+        exploration=np.asarray(explored, dtype=bool),
     )
     stats = {
         "rows": rows,
         "labelled_rows": int(sum(labelled)),
         "skipped_samples": skipped,
         "inputs": sorted(columns),
-        "effective_sample_size": None,  # needs inclusion probabilities
+        "exploration_rows": int(sum(explored)),
+        # over the exported samples (a sample may hold several rows of a batch)
+        "effective_sample_size": effective_sample_size(per_sample)["effective_sample_size"],
+        "samples_without_probability": effective_sample_size(per_sample)[
+            "rows_without_probability"
+        ],
     }
     return arrays, stats
 

@@ -45,7 +45,10 @@ def reference(width: int = 4) -> dict[str, Any]:
         {"input": "img", "channel": c, "mean": 0.0, "std": 1.0, "edges": EDGES}
         for c in range(3)  # channel 2 is missing from 2-channel images
     ]
-    return {"bins": 10, "features": features, "channels": channels}
+    # Output 1 (not class scores) is profiled by value: devices count it over edges.
+    id_edges = [float(e) for e in np.linspace(10_500, 15_500, 9)]
+    outputs = [{"index": 1, "name": "ids", "edges": id_edges, "counts": [1] * 10, "n": 10}]
+    return {"bins": 10, "features": features, "channels": channels, "outputs": outputs}
 
 
 def make_recorder(

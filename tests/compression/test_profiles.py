@@ -132,6 +132,23 @@ def test_output_reference_counts_predicted_classes_like_the_device():
     assert ref == [{"index": 0, "name": "probs", "kind": "classes", "counts": [1, 2], "n": 3}]
 
 
+def test_other_outputs_are_profiled_by_value_as_devices_count_them():
+    from compression.profiles import output_reference
+    from edgefleet.manifest import validate_drift_reference
+
+    rng = np.random.default_rng(0)
+    score = rng.normal(size=(500, 1)).astype(np.float32)
+    score[:5] = np.nan  # left out, as on the device
+    (ref,) = output_reference([("score", score)])
+    assert ref["kind"] == "values" and ref["index"] == 0 and len(ref["edges"]) == 9
+    assert ref["n"] == 495 and sum(ref["counts"]) == 495
+    assert max(ref["counts"]) - min(ref["counts"]) <= 2  # equal-frequency bins
+    finite = score[np.isfinite(score)].astype(np.float64)
+    want = np.bincount(np.searchsorted(ref["edges"], finite, side="right"), minlength=10)
+    assert ref["counts"] == want.tolist()
+    assert validate_drift_reference({"bins": 10, "features": [], "outputs": [ref]})
+
+
 def test_calibration_table_bins_confidence_and_accuracy():
     from compression.profiles import calibration_table
 

@@ -15,7 +15,14 @@ from tests.server.conftest import Api, onnx_model, run_jobs, upload
 FEATURES = 4
 
 
-def publish_with_profile(api: Api, name: str = "fraud", *, outputs: bool = False) -> dict:
+def publish_with_profile(
+    api: Api,
+    name: str = "fraud",
+    *,
+    outputs: bool = False,
+    calibration: dict | None = None,
+    value_output: dict | None = None,
+) -> dict:
     from compression.profiles import drift_reference
 
     x = np.random.default_rng(0).normal(size=(5000, FEATURES)).astype(np.float32)
@@ -24,6 +31,10 @@ def publish_with_profile(api: Api, name: str = "fraud", *, outputs: bool = False
         profile["outputs"] = [
             {"index": 0, "name": "y", "kind": "classes", "counts": [2500, 1500, 1000], "n": 5000}
         ]
+    if calibration is not None:
+        profile["calibration"] = calibration
+    if value_output is not None:
+        profile["outputs"] = [value_output]
     files = {
         "drift_reference": (
             "drift_reference.json",
@@ -33,7 +44,13 @@ def publish_with_profile(api: Api, name: str = "fraud", *, outputs: bool = False
     }
     r = upload(api, name, onnx_model(features=FEATURES), version=1, files=files)
     assert r.status_code == 202, r.text
-    assert run_jobs(api) == 1
+    run_jobs(api)  # a live server's own worker may have taken the job first
+    job_url = f"/api/v1/jobs/{r.json()['job']['id']}"
+    deadline = time.monotonic() + 60
+    while (job := api.get(job_url, role="viewer").json())["status"] not in ("succeeded", "failed"):
+        assert time.monotonic() < deadline, job
+        time.sleep(0.05)
+    assert job["status"] == "succeeded", job
     return profile
 
 
@@ -126,6 +143,32 @@ def test_output_drift_from_predicted_class_counts(api: Api) -> None:
     assert body["devices"]["pi-1"]["channels"] == []
 
 
+def test_output_drift_of_an_output_profiled_by_value(api: Api) -> None:
+    from compression.profiles import output_reference
+    from edgefleet.wire import OutputSummary
+
+    rng = np.random.default_rng(8)
+    (ref,) = output_reference([("score", rng.normal(size=(5000, 1)).astype(np.float32))])
+    profile = publish_with_profile(api, value_output=ref)
+    records = []
+    for i, device in enumerate(["pi-1", "pi-2", "pi-3"]):
+        score = rng.normal(0.8 if device == "pi-3" else 0.0, 1.0, size=1000)
+        counts = np.bincount(np.searchsorted(ref["edges"], score, side="right"), minlength=10)
+        out = OutputSummary(0, 1000, 0.0, 1.0, -3.0, 3.0, None, None, tuple(counts.tolist()))
+        base = window(profile, device, 1, rng, {}, 1000)
+        records.append(
+            TelemetryRecord(device, 1 + i, base.window_start, base.window_end, base.model,
+                            predictions=1000, features=base.features, outputs=(out,))
+        )  # fmt: skip
+    with api.sessions() as s:
+        telemetry.ingest_batch(s, records)
+        s.commit()
+    body = api.get("/api/v1/drift", role="viewer", params={"model": "fraud"}).json()
+    statuses = {d: v["outputs"][0]["status"] for d, v in body["devices"].items()}
+    assert statuses == {"pi-1": "ok", "pi-2": "ok", "pi-3": "alarm"}
+    assert body["devices"]["pi-3"]["outputs"][0]["name"] == "score"
+
+
 def test_accuracy_from_feedback_labels(api: Api) -> None:
     from edgefleet.wire import Feedback
 
@@ -157,7 +200,11 @@ def test_feedback_audit_route(api: Api) -> None:
     rng = np.random.default_rng(6)
     base = window(profile, "pi-1", 1, rng, {}, 100)
     out = OutputSummary(0, 100, 0.3, 0.1, 0.0, 1.0, (80, 15, 5))
-    labels = (Feedback(1, 2, 2), Feedback(2, 0, 2), Feedback(3, "text", 1))
+    labels = (
+        Feedback(1, 2, 2, exploration=True, predicted_at=100.0, labelled_at=160.0),
+        Feedback(2, 0, 2, exploration=False, predicted_at=100.0, labelled_at=3700.0),
+        Feedback(3, "text", 1),
+    )
     record = TelemetryRecord("pi-1", 1, base.window_start, base.window_end, base.model,
                              predictions=100, features=base.features, outputs=(out,),
                              feedback=labels)  # fmt: skip
@@ -168,4 +215,11 @@ def test_feedback_audit_route(api: Api) -> None:
     assert body["predictions"] == 100 and body["labels"] == 2 and body["unscored_labels"] == 1
     by = {c["class"]: c for c in body["classes"]}
     assert by[2]["labels"] == 2 and by[2]["coverage"] == 0.4 and by[2]["accuracy"] == 0.5
-    assert body["not_reported"]["effective_sample_size"]
+    assert body["label_delay"] == {"labels_with_times": 2, "labels_without_times": 1,
+                                   "p50_s": 60.0, "p90_s": 3600.0, "max_s": 3600.0}  # fmt: skip
+    holdout = body["exploration_holdout"]
+    assert holdout["exploration"]["labelled"] == 1 and holdout["exploration"]["accuracy"] == 1.0
+    assert holdout["model_selected"]["accuracy"] == 0.0 and holdout["accuracy_gap"] == -1.0
+    assert holdout["unflagged_labels"] == 1
+    assert body["samples"] == {"rows": 0, "rows_without_probability": 0,
+                               "effective_sample_size": None}  # fmt: skip

@@ -27,10 +27,12 @@ def drifting_windows(api: Api, profile: dict, rng, step: int) -> None:
         device = f"pi-{i}"
         base = window(profile, device, step, rng, {0: 1.5} if i < 3 else {}, 600)
         x = rng.normal(size=(1, 4)).astype(np.float32)
+        chances = (0.5, 0.05, None)  # an explored sample, a sampled one, one from an old agent
         samples = tuple(
-            Sample(step * 100 + k, {"x": ArraySample("float32", (1, 4), x.tobytes())}, ())
+            Sample(step * 100 + k, {"x": ArraySample("float32", (1, 4), x.tobytes())}, (),
+                   inclusion_probability=chances[k], exploration=k == 0)
             for k in range(3)
-        )
+        )  # fmt: skip
         feedback = (Feedback(step * 100, 1, 1), Feedback(step * 100 + 1, 0, 1))
         records.append(TelemetryRecord(device, step, base.window_start, base.window_end,
                                        base.model, predictions=600, features=base.features,
@@ -85,8 +87,16 @@ def test_a_key_feature_alarm_fires_one_request_with_an_export_and_a_hook(
     with np.load(dataset) as z:
         assert z["input__x"].shape == (24, 4)  # 2 windows x 4 devices x 3 samples
         assert int(z["labelled"].sum()) == 16 == body["dataset"]["labelled_rows"]
-        assert np.isnan(z["inclusion_probability"]).all()
+        p = z["inclusion_probability"]
+        assert p[0::3].tolist() == [0.5] * 8 and p[1::3].tolist() == [0.05] * 8
+        assert np.isnan(p[2::3]).all()
+        assert z["exploration"].tolist() == [True, False, False] * 8
+    stats = body["evidence"]["manifest"]
     manifest = json.loads((dataset.parent / "manifest.json").read_text())
+    # Kish: 8 rows of weight 2 and 8 of weight 20 -> (16 + 160)^2 / (32 + 3200)
+    assert manifest["dataset"]["effective_sample_size"] == round(176**2 / 3232, 3)
+    assert manifest["dataset"]["samples_without_probability"] == 8
+    assert manifest["dataset"]["exploration_rows"] == 8 and stats
     assert manifest["dataset"]["sha256"] == body["dataset"]["sha256"]
     assert manifest["manifest_sha256"] == body["manifest_sha256"] and manifest["profile_sha256"]
     listing = api.get("/api/v1/retrain-requests", role="viewer", params={"model": "fraud"})
@@ -129,3 +139,61 @@ def test_policy_input_is_checked(api: Api) -> None:
     assert api.put("/api/v1/models/fraud/retrain-policy", role="viewer", json={}).status_code == 403
     assert api.get("/api/v1/models/fraud/retrain-policy", role="viewer").status_code == 404
     assert api.get("/api/v1/retrain-requests/" + "0" * 32, role="viewer").status_code == 404
+
+
+def test_an_estimated_accuracy_drop_fires_a_policy_from_the_server_config(api: Api) -> None:
+    """Label-free: confidences against the calibration table, policy from the server config."""
+    from edgefleet.wire import OutputSummary
+
+    # On the evaluation data: confident rows were right, unsure ones half the time.
+    bins = [{"lo": b / 10, "hi": (b + 1) / 10, "n": 0, "confidence": None, "accuracy": None}
+            for b in range(10)]  # fmt: skip
+    bins[9].update(n=900, confidence=0.95, accuracy=0.97)
+    bins[5].update(n=100, confidence=0.55, accuracy=0.5)
+    profile = publish_with_profile(api, outputs=True, calibration={"output": 0, "bins": bins})
+    settings = api.settings.model_copy(
+        update={"retrain_policies": {"fraud": {"max_estimated_drop": 0.1, "min_estimate_n": 500}}}
+    )
+    rng = np.random.default_rng(2)
+
+    def ingest(step: int, confidence: tuple[int, ...]) -> None:
+        base = window(profile, "pi-1", step, rng, {}, 600)
+        out = OutputSummary(0, 1800, 0.33, 0.3, 0.0, 1.0, (200, 200, 200), confidence)
+        record = TelemetryRecord(
+            "pi-1", step, base.window_start, base.window_end, base.model,
+            predictions=600, features=base.features, outputs=(out,),
+        )  # fmt: skip
+        with api.sessions() as s:
+            telemetry.ingest_batch(s, [record], now=T0 + timedelta(minutes=step))
+            s.commit()
+
+    ingest(1, (0,) * 9 + (600,))  # as confident as on the evaluation data: no drop
+    with api.sessions() as s, s.begin():
+        assert retrain.evaluate_policies(s, settings, T0 + timedelta(minutes=2)) == []
+    ingest(2, (0,) * 5 + (1200,) + (0,) * 4)  # now mostly unsure
+    with api.sessions() as s, s.begin():
+        (request_id,) = retrain.evaluate_policies(s, settings, T0 + timedelta(minutes=3))
+    body = api.get(f"/api/v1/retrain-requests/{request_id}", role="viewer").json()
+    trigger = body["evidence"]["trigger"]
+    assert trigger["kind"] == "estimated" and "estimated accuracy" in body["reason"]
+    # 600 rows at 0.97 and 1,200 at 0.5 against a reference of 0.923
+    assert trigger["estimated_accuracy"] == round((600 * 0.97 + 1200 * 0.5) / 1800, 6)
+    assert trigger["reference_accuracy"] == round((900 * 0.97 + 100 * 0.5) / 1000, 6)
+    with api.sessions() as s:
+        from server.services.retrain import get_policy
+
+        policy = get_policy(s, "fraud", settings.retrain_policies)
+        assert policy is not None and policy.max_estimated_drop == 0.1
+
+
+def test_configured_policies_are_checked() -> None:
+    import pytest
+
+    from server.settings import Settings
+
+    with pytest.raises(ValueError, match=r"retrain_policies\.fraud: unknown fields"):
+        Settings(retrain_policies={"fraud": {"max_drop": 0.1}})
+    with pytest.raises(ValueError, match="max_estimated_drop"):
+        Settings(retrain_policies={"fraud": {"max_estimated_drop": 3}})
+    with pytest.raises(ValueError, match="key_features must be a list"):
+        Settings(retrain_policies={"fraud": {"key_features": "amount"}})

@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Query
 
 from server.api import schemas
-from server.api.deps import Operator, Reader, SessionDep
+from server.api.deps import Operator, Reader, SessionDep, SettingsDep
 from server.api.routes.models import MODEL_NAME_PATTERN
 from server.errors import NotFoundError
 from server.services import retrain
@@ -19,9 +19,11 @@ ModelName = Annotated[str, Path(pattern=MODEL_NAME_PATTERN, max_length=64)]
 
 
 @router.get("/models/{name}/retrain-policy", response_model=schemas.RetrainPolicyBody)
-def get_policy(name: ModelName, session: SessionDep, _: Reader) -> schemas.RetrainPolicyBody:
-    """The model's retraining policy (404 when none is set)."""
-    policy = retrain.get_policy(session, name)
+def get_policy(
+    name: ModelName, session: SessionDep, settings: SettingsDep, _: Reader
+) -> schemas.RetrainPolicyBody:
+    """The model's retraining policy: set through the API, else from the server config (404)."""
+    policy = retrain.get_policy(session, name, settings.retrain_policies)
     if policy is None:
         raise NotFoundError(f"model {name!r} has no retraining policy")
     return schemas.RetrainPolicyBody.model_validate(policy.to_dict())

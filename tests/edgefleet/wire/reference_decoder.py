@@ -689,6 +689,8 @@ class OutputSummary:
     min: float | None
     max: float | None
     classes: tuple[int, ...] | None = None
+    confidence: tuple[int, ...] | None = None  # added later, optional
+    counts: tuple[int, ...] | None = None  # added later, optional
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -699,13 +701,18 @@ class OutputSummary:
             "min": self.min,
             "max": self.max,
             "classes": None if self.classes is None else list(self.classes),
+            "confidence": None if self.confidence is None else list(self.confidence),
+            "counts": None if self.counts is None else list(self.counts),
         }
 
     @classmethod
     def from_dict(cls, d: Any) -> OutputSummary:
         w = "outputs[]"
-        d = _keys(d, w, ("index", "count", "mean", "std", "min", "max", "classes"))
-        classes = d["classes"]
+        d = _keys(
+            d, w, ("index", "count", "mean", "std", "min", "max", "classes"),
+            ("confidence", "counts"),
+        )  # fmt: skip
+        classes, confidence, counts = d["classes"], d.get("confidence"), d.get("counts")
         return cls(
             _int(d["index"], f"{w}.index", 0, 63),
             _int(d["count"], f"{w}.count"),
@@ -714,6 +721,8 @@ class OutputSummary:
             _opt_num(d["min"], f"{w}.min"),
             _opt_num(d["max"], f"{w}.max"),
             None if classes is None else _counts(classes, f"{w}.classes"),
+            None if confidence is None else _counts(confidence, f"{w}.confidence", 100),
+            None if counts is None else _counts(counts, f"{w}.counts", 100),
         )
 
 
@@ -1016,24 +1025,39 @@ class Sample:
     prediction_id: int
     inputs: Mapping[str, ArraySample]
     outputs: tuple[ArraySample, ...]
+    inclusion_probability: float | None = None  # added later, optional: in (0, 1]
+    exploration: bool = False  # added later, optional
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "prediction_id": self.prediction_id,
             "inputs": {k: v.to_dict() for k, v in self.inputs.items()},
             "outputs": [o.to_dict() for o in self.outputs],
+            "inclusion_probability": self.inclusion_probability,
+            "exploration": self.exploration,
         }
 
     @classmethod
     def from_dict(cls, d: Any) -> Sample:
-        d = _keys(d, "samples[]", ("prediction_id", "inputs", "outputs"))
+        d = _keys(
+            d, "samples[]", ("prediction_id", "inputs", "outputs"),
+            ("inclusion_probability", "exploration"),
+        )  # fmt: skip
         inputs = d["inputs"]
         if not isinstance(inputs, dict) or len(inputs) > 64:
             raise _fail("samples[]", "inputs must be an object of at most 64 arrays")
+        p = _opt_num(d.get("inclusion_probability"), "samples[].inclusion_probability", 0, 1)
+        if p == 0:
+            raise _fail("samples[].inclusion_probability", "must be in (0, 1]")
+        exploration = d.get("exploration", False)
+        if type(exploration) is not bool:
+            raise _fail("samples[].exploration", "must be a boolean")
         return cls(
             _int(d["prediction_id"], "samples[].prediction_id"),
             {_str(k, "input name"): ArraySample.from_dict(v) for k, v in inputs.items()},
             tuple(ArraySample.from_dict(o) for o in _list(d["outputs"], "outputs", 64)),
+            p,
+            exploration,
         )
 
 
@@ -1047,6 +1071,9 @@ class Feedback:
     prediction_id: int
     label: Label
     predicted: int | None = None  # argmax of output 0's first row, when it was still known
+    exploration: bool | None = None  # added later, optional, as the next two
+    predicted_at: float | None = None
+    labelled_at: float | None = None
 
     def __post_init__(self) -> None:
         lab = self.label
@@ -1062,15 +1089,27 @@ class Feedback:
             "prediction_id": self.prediction_id,
             "label": self.label,
             "predicted": self.predicted,
+            "exploration": self.exploration,
+            "predicted_at": self.predicted_at,
+            "labelled_at": self.labelled_at,
         }
 
     @classmethod
     def from_dict(cls, d: Any) -> Feedback:
-        d = _keys(d, "feedback[]", ("prediction_id", "label", "predicted"))
+        d = _keys(
+            d, "feedback[]", ("prediction_id", "label", "predicted"),
+            ("exploration", "predicted_at", "labelled_at"),
+        )  # fmt: skip
+        exploration = d.get("exploration")
+        if exploration is not None and type(exploration) is not bool:
+            raise _fail("feedback[].exploration", "must be a boolean or null")
         return cls(
             _int(d["prediction_id"], "feedback[].prediction_id"),
             d["label"],
             _opt_int(d["predicted"], "feedback[].predicted"),
+            exploration,
+            _opt_num(d.get("predicted_at"), "feedback[].predicted_at", 0, MAX_UNIX_TS),
+            _opt_num(d.get("labelled_at"), "feedback[].labelled_at", 0, MAX_UNIX_TS),
         )
 
 

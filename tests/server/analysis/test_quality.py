@@ -55,3 +55,49 @@ def test_feedback_audit_shows_labels_chosen_by_the_model() -> None:
     assert by[0]["labelled_share"] == round(39 / 109, 6)
     empty = feedback_audit({}, [])
     assert empty["coverage"] is None and empty["classes"] == []
+
+
+def test_label_free_estimate_from_confidences() -> None:
+    from server.analysis.quality import Estimate, estimate_accuracy, judge_estimate
+
+    bins = [{"lo": b / 10, "hi": (b + 1) / 10, "n": 0, "confidence": None, "accuracy": None}
+            for b in range(10)]  # fmt: skip
+    bins[9].update(n=800, confidence=0.95, accuracy=0.9)
+    bins[6].update(n=200, confidence=0.65, accuracy=0.6)
+    table = {"output": 0, "bins": bins}
+    same = estimate_accuracy(table, [0] * 6 + [20] + [0] * 2 + [80])
+    assert same.estimated == same.reference == 0.84 and same.drop == 0.0
+    shifted = estimate_accuracy(table, [0] * 6 + [80] + [0] * 2 + [20])
+    assert shifted.estimated == 0.6 * 0.8 + 0.9 * 0.2
+    assert round(shifted.drop, 9) == round(0.84 - 0.66, 9) and shifted.uncovered == 0.0
+    # a bin the evaluation data never reached counts at its midpoint, and is reported
+    odd = estimate_accuracy(table, [10] + [0] * 9)
+    assert odd.estimated == 0.05 and odd.uncovered == 1.0
+    assert estimate_accuracy(table, [0] * 10) == Estimate(0, None, 0.84, 0.0)
+    assert judge_estimate(shifted, 0.1, 100)[0] is Status.ALARM
+    assert judge_estimate(shifted, 0.2, 100)[0] is Status.OK
+    assert judge_estimate(shifted, 0.1, 1000)[0] is Status.INSUFFICIENT
+    with pytest.raises(ValueError, match="3 confidence bins for a calibration table of 10"):
+        estimate_accuracy(table, [1, 2, 3])
+
+
+def test_label_delay_holdout_split_and_effective_sample_size() -> None:
+    from server.analysis.quality import effective_sample_size, label_delays, split_by_exploration
+
+    fb = [
+        {"label": 1, "predicted": 1, "exploration": True, "predicted_at": 10.0,
+         "labelled_at": 70.0},
+        {"label": 0, "predicted": 1, "exploration": False, "predicted_at": 10.0,
+         "labelled_at": 9.5},  # labelled before the drain: 0 s
+        {"label": 1, "predicted": 1},
+    ]  # fmt: skip
+    delays = label_delays(fb)
+    assert delays == {"labels_with_times": 2, "labels_without_times": 1,
+                      "p50_s": 0.0, "p90_s": 60.0, "max_s": 60.0}  # fmt: skip
+    explored, selected, unflagged = split_by_exploration(fb)
+    assert (explored.labelled, explored.correct) == (1, 1)
+    assert (selected.labelled, selected.correct) == (1, 0) and unflagged == 1
+    assert effective_sample_size([0.5, 0.5, 0.5])["effective_sample_size"] == 3.0
+    mixed = effective_sample_size([1.0, 0.1, None, 0.0])
+    assert mixed["effective_sample_size"] == round(11**2 / 101, 3)
+    assert mixed["rows"] == 2 and mixed["rows_without_probability"] == 2
