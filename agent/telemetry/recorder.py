@@ -260,7 +260,7 @@ class TelemetryRecorder:
         self._sample_rate = self.options.sample_rate if sampling else 0.0
         self._explore_share = self.options.explore_share if sampling else 0.0
         self._explore_salt = zlib.crc32(device_id.encode("utf-8"))
-        self._np_rng = np.random.default_rng(self._rng.getrandbits(64))
+        self._np_rng: np.random.Generator | None = None  # made when sampling first draws
         # (first pid, last pid, drain time) of recent batches of increasing integer pids
         self._drains: collections.deque[tuple[int, int, float]] = collections.deque(maxlen=4096)
         # Predicted classes for joining feedback labels: see _remember.
@@ -367,14 +367,10 @@ class TelemetryRecorder:
 
     def aggregate(self) -> int:
         """Drain the hot-path buffers into the current window; return observations drained."""
-        batch: list[tuple[Any, Any, float, int]] = []
-        pop = self._buf.popleft
-        try:
-            while True:
-                batch.append(pop())
-        except IndexError:
-            pass
-        with self._lock:
+        with self._lock:  # the only consumer: drains never race each other
+            pop = self._buf.popleft
+            # What is there now; observations appended meanwhile wait for the next drain.
+            batch: list[tuple[Any, Any, float, int]] = [pop() for _ in range(len(self._buf))]
             w = self._window
             seen = self._seen_value
             self._drained += len(batch)
@@ -447,6 +443,8 @@ class TelemetryRecorder:
             ints = [p if type(p) is int and 0 <= p < 1 << 63 else -1 for p in pids]
             ids = np.asarray(ints, dtype=np.int64)
             explore = self._explore_many(np.maximum(ids, 0)) & (ids >= 0)
+        if self._np_rng is None:  # numpy.random loads on first use: not without sampling
+            self._np_rng = np.random.default_rng(self._rng.getrandbits(64))
         chosen = np.flatnonzero(explore | (self._np_rng.random(n) < self._sample_rate))
         cap = self.options.samples_per_window
         for k in chosen.tolist():
