@@ -215,11 +215,20 @@ def metric(
                       f"[{lo:+.3f}, {hi:+.3f}] decides nothing yet", s)  # fmt: skip
 
 
-def drift(canary: Status, control: Status | None, g: GateSpec) -> GateResult:
-    """The canaries' output drift verdict (``server.analysis``) against the control's."""
-    s = {"canary": canary.value, "control": None if control is None else control.value}
+def drift(canary: Status | None, control: Status | None, g: GateSpec) -> GateResult:
+    """The canaries' output drift verdict (``server.analysis``) against the control's.
+
+    ``canary`` is None when the candidate has no output reference to judge
+    against: the gate does not apply.
+    """
+    s = {
+        "canary": None if canary is None else canary.value,
+        "control": None if control is None else control.value,
+    }
     if not g.drift:
         return GateResult("drift", Verdict.PASS, "the drift gate is off", s)
+    if canary is None:
+        return GateResult("drift", Verdict.PASS, "the candidate has no output reference", s)
     if canary is Status.INSUFFICIENT:
         return GateResult("drift", Verdict.INCONCLUSIVE, "too few canary outputs to judge", s)
     if canary is Status.ALARM and control is not Status.ALARM:

@@ -180,7 +180,7 @@ class Evidence:
     reports: Mapping[str, DeviceReport] = field(default_factory=dict)
     canary: Sequence[G.DeviceStats] = ()
     control: Sequence[G.DeviceStats] | None = None  # None: no device left on the old version
-    canary_drift: Status = Status.INSUFFICIENT
+    canary_drift: Status | None = Status.INSUFFICIENT  # None: no output reference to judge by
     control_drift: Status | None = None
 
 

@@ -153,6 +153,7 @@ def test_drift_gate_and_combination() -> None:
     assert gates.drift(Status.ALARM, Status.ALARM, G).verdict is Verdict.PASS  # the world moved
     assert gates.drift(Status.INSUFFICIENT, Status.OK, G).verdict is Verdict.INCONCLUSIVE
     assert gates.drift(Status.ALARM, Status.OK, GateSpec(drift=False)).verdict is Verdict.PASS
+    assert gates.drift(None, None, G).verdict is Verdict.PASS  # no output reference
     p, f, i = (gates.GateResult("x", v, "") for v in Verdict)
     assert (
         gates.combine([p, i]) is Verdict.INCONCLUSIVE and gates.combine([p, f, i]) is Verdict.FAIL
