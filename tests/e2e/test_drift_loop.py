@@ -153,10 +153,22 @@ def test_drift_on_real_agents_alarms_devices_then_the_fleet_and_fires_retraining
             )  # fmt: skip
             assert not traffic.errors, traffic.errors[:3]
             assert not alarmed(fleet, "device:pi-1"), alarmed(fleet, "device:pi-1")
+            audit = fleet.api("GET", "/drift/feedback?model=fraud")
     assert feature["name"] in request["reason"]
     assert request["dataset"]["rows"] > 0 and request["dataset"]["labelled_rows"] > 0
     dataset = Path(request["dataset"]["path"])
     with np.load(dataset) as z:
         assert z["input__" + profile["features"][0]["input"]].shape[1] == x.shape[1]
+        # the real agents state each sample's inclusion probability (sampling at 0.2,
+        # the 2% exploration share always, a reservoir of 8 per window)
+        p = z["inclusion_probability"]
+        assert np.isfinite(p).all() and ((p > 0) & (p <= 1)).all(), p[:10]
+        assert z["exploration"].dtype == bool
+    manifest = json.loads((dataset.parent / "manifest.json").read_text())
+    assert 0 < manifest["dataset"]["effective_sample_size"] <= manifest["dataset"]["rows"]
+    assert manifest["dataset"]["samples_without_probability"] == 0
+    # labels through the agents carry their times and exploration flags
+    assert audit["label_delay"]["labels_with_times"] > 0
+    assert audit["exploration_holdout"]["unflagged_labels"] == 0
     ran = json.loads(marker.read_text())
     assert ran["request"] == request["id"] and ran["manifest"].endswith("manifest.json")
