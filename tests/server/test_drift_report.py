@@ -68,6 +68,20 @@ def window(profile: dict, device: str, seq: int, rng, shift: dict[int, float], r
                            predictions=rows, features=tuple(feats))  # fmt: skip
 
 
+def with_output(base: TelemetryRecord, out) -> TelemetryRecord:
+    """``base`` (a ``window``) with one output summary."""
+    return TelemetryRecord(base.device_id, base.seq, base.window_start, base.window_end,
+                           base.model, predictions=base.predictions, features=base.features,
+                           outputs=(out,))  # fmt: skip
+
+
+def ingest_and_report(api: Api, records: list[TelemetryRecord]) -> dict:
+    with api.sessions() as s:
+        telemetry.ingest_batch(s, records)
+        s.commit()
+    return api.get("/api/v1/drift", role="viewer", params={"model": "fraud"}).json()
+
+
 def test_report_flags_the_shifted_feature_on_the_drifting_devices_only(api: Api) -> None:
     profile = publish_with_profile(api)
     rng = np.random.default_rng(1)
@@ -125,16 +139,9 @@ def test_output_drift_from_predicted_class_counts(api: Api) -> None:
     for i, device in enumerate(["pi-1", "pi-2", "pi-3", "pi-4"]):
         shares = [0.2, 0.2, 0.6] if device == "pi-4" else [0.5, 0.3, 0.2]
         classes = tuple(rng.multinomial(1000, shares).tolist())
-        base = window(profile, device, 1, rng, {}, 1000)
         out = OutputSummary(0, 1000, 0.3, 0.1, 0.0, 1.0, classes)
-        records.append(
-            TelemetryRecord(device, 1 + i, base.window_start, base.window_end, base.model,
-                            predictions=1000, features=base.features, outputs=(out,))
-        )  # fmt: skip
-    with api.sessions() as s:
-        telemetry.ingest_batch(s, records)
-        s.commit()
-    body = api.get("/api/v1/drift", role="viewer", params={"model": "fraud"}).json()
+        records.append(with_output(window(profile, device, 1 + i, rng, {}, 1000), out))
+    body = ingest_and_report(api, records)
     statuses = {d: v["outputs"][0]["status"] for d, v in body["devices"].items()}
     assert statuses == {"pi-1": "ok", "pi-2": "ok", "pi-3": "ok", "pi-4": "alarm"}
     assert body["devices"]["pi-4"]["outputs"][0]["name"] == "y"
@@ -155,15 +162,8 @@ def test_output_drift_of_an_output_profiled_by_value(api: Api) -> None:
         score = rng.normal(0.8 if device == "pi-3" else 0.0, 1.0, size=1000)
         counts = np.bincount(np.searchsorted(ref["edges"], score, side="right"), minlength=10)
         out = OutputSummary(0, 1000, 0.0, 1.0, -3.0, 3.0, None, None, tuple(counts.tolist()))
-        base = window(profile, device, 1, rng, {}, 1000)
-        records.append(
-            TelemetryRecord(device, 1 + i, base.window_start, base.window_end, base.model,
-                            predictions=1000, features=base.features, outputs=(out,))
-        )  # fmt: skip
-    with api.sessions() as s:
-        telemetry.ingest_batch(s, records)
-        s.commit()
-    body = api.get("/api/v1/drift", role="viewer", params={"model": "fraud"}).json()
+        records.append(with_output(window(profile, device, 1 + i, rng, {}, 1000), out))
+    body = ingest_and_report(api, records)
     statuses = {d: v["outputs"][0]["status"] for d, v in body["devices"].items()}
     assert statuses == {"pi-1": "ok", "pi-2": "ok", "pi-3": "alarm"}
     assert body["devices"]["pi-3"]["outputs"][0]["name"] == "score"
