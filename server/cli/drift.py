@@ -207,6 +207,21 @@ def _audit_feedback(args: argparse.Namespace) -> int:
             table.add_row(*(str(c[k]) for k in ("class", "predictions", "labels", "coverage",
                                                  "accuracy", "labelled_share")))  # fmt: skip
         console.print(table)
+        delay, holdout, samples = r["label_delay"], r["exploration_holdout"], r["samples"]
+        console.print(
+            f"label delay: p50 {delay['p50_s']} s, p90 {delay['p90_s']} s "
+            f"({delay['labels_with_times']} labels with times)"
+        )
+        console.print(
+            f"accuracy on the exploration holdout {holdout['exploration']['accuracy']} "
+            f"({holdout['exploration']['labelled']} labels) vs model-selected labels "
+            f"{holdout['model_selected']['accuracy']} ({holdout['model_selected']['labelled']}); "
+            f"gap {holdout['accuracy_gap']}"
+        )
+        console.print(
+            f"samples: {samples['rows']} with an inclusion probability, effective sample "
+            f"size {samples['effective_sample_size']}"
+        )
 
     def call(client: Any) -> int:
         emit(client.feedback_audit(args.model, version=args.version), args.json, render)

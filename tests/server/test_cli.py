@@ -306,3 +306,31 @@ def test_retrain_policy_and_requests_through_the_api(live: LiveServer, capsys) -
     code, out = run(capsys, live, "retrain", "policy", "--model", "fraud", "--min-accuracy",
                     "3", role="operator")  # fmt: skip
     assert code == 1 and out["status"] == 422
+
+
+def test_feedback_audit_through_the_api(live: LiveServer, capsys) -> None:
+    import numpy as np
+
+    from edgefleet.wire import Feedback, OutputSummary, TelemetryRecord
+    from tests.server.test_drift_report import publish_with_profile, window
+
+    profile = publish_with_profile(live.api)
+    base = window(profile, "d1", 1, np.random.default_rng(0), {}, 100)
+    labels = (
+        Feedback(1, 1, 1, exploration=True, predicted_at=10.0, labelled_at=70.0),
+        Feedback(2, 0, 1, exploration=False, predicted_at=10.0, labelled_at=30.0),
+    )
+    record = TelemetryRecord("d1", 1, base.window_start, base.window_end, base.model,
+                             predictions=100, features=base.features,
+                             outputs=(OutputSummary(0, 100, 0.5, 0.1, 0.0, 1.0, (60, 40)),),
+                             feedback=labels)  # fmt: skip
+    with live.api.sessions() as s:
+        telemetry.ingest_batch(s, [record])
+        s.commit()
+    code, out = run(capsys, live, "audit", "feedback", "--model", "fraud", role="viewer")
+    assert code == 0 and out["label_delay"]["p90_s"] == 60.0
+    assert out["exploration_holdout"]["accuracy_gap"] == -1.0
+    code, text = run(capsys, live, "audit", "feedback", "--model", "fraud", role="viewer",
+                     as_json=False)  # fmt: skip
+    assert code == 0 and "label delay: p50 20.0 s, p90 60.0 s" in text
+    assert "exploration holdout 1.0 (1 labels)" in text and "gap -1.0" in text
