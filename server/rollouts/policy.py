@@ -29,10 +29,14 @@ Transitions (docs/rollouts.md has the table):
   next wave (or ``completed``), fail -> ``aborting``, inconclusive -> wait;
   past the deadline -> ``paused`` for a person. Never a pass by default.
 * the update-failure gate also runs throughout ``deploying``.
-* aborting: every device told of the candidate gets ``Revert`` (to
-  ``previous``) and is ``reverting`` until a report made after the revert
-  says it runs ``previous``; then ``reverted``. Pending devices are never
-  told. A revert not done within ``device_timeout_s`` needs attention.
+* aborting: every device told of the candidate gets ``Revert`` to
+  ``revert_to`` (the previous payload re-released above the candidate, which
+  devices that committed the candidate accept under their rollback floor) or,
+  without one, to ``previous`` (accepted only by devices that never
+  committed the candidate; the others need attention); it is ``reverting``
+  until a report made after the revert says it runs that version, then
+  ``reverted``. Pending devices are never told. A revert not done within
+  ``device_timeout_s`` needs attention.
 * commands: ``pause``, ``resume``, ``abort`` and ``promote`` (take the next
   wave now, gates skipped, recorded as the operator's decision).
 """
@@ -108,15 +112,16 @@ class DeviceState:
     since: float  # when it entered this status (absolute; timers are deadlines from it)
     wave: int  # the wave that took it (-1: none)
     reason: str = ""
+    committed: bool = False  # it committed the candidate: its rollback floor moved there
 
     def to_dict(self) -> dict[str, Any]:
         return {"status": self.status.value, "since": self.since, "wave": self.wave,
-                "reason": self.reason}  # fmt: skip
+                "reason": self.reason, "committed": self.committed}  # fmt: skip
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> DeviceState:
         return cls(DeviceStatus(d["status"]), float(d["since"]), int(d["wave"]),
-                   str(d.get("reason", "")))  # fmt: skip
+                   str(d.get("reason", "")), bool(d.get("committed", False)))  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -235,7 +240,7 @@ def _advance_device(
     if s.status in (DeviceStatus.NOTIFIED, DeviceStatus.DOWNLOADING):
         if r.update == "committed" and r.running == spec.version:
             return replace(s, status=DeviceStatus.SOAKING, since=r.at if r.at is not None else now,
-                           reason="committed its health check")  # fmt: skip
+                           reason="committed its health check", committed=True)  # fmt: skip
         if r.update in ("rolled-back", "failed"):
             status = DeviceStatus.ROLLED_BACK if r.update == "rolled-back" else DeviceStatus.FAILED
             return replace(s, status=status, since=now, reason=r.reason or r.update)
@@ -388,36 +393,51 @@ def _run(spec: RolloutSpec, state: RolloutState, ev: Evidence, now: float,
 
 def _revert(spec: RolloutSpec, state: RolloutState, ev: Evidence, now: float,
             actions: list[Action]) -> RolloutState:  # fmt: skip
-    if spec.previous is None:
-        if state.status is not RolloutStatus.NEEDS_ATTENTION:
-            why = "aborted, but there is no previous version to return devices to"
-            _decision(actions, state, "needs-attention", reason=why)
-            return replace(state, status=RolloutStatus.NEEDS_ATTENTION, reason=why)
-        return state
+    """Return every device told of the candidate to the previous model.
+
+    A device that committed the candidate has its rollback floor at the
+    candidate's version and refuses ``previous``: it goes to ``revert_to``,
+    the previous payload re-released above the candidate. Without one, such
+    devices need attention (named); the others go back to ``previous``.
+    """
+    target = spec.revert_to if spec.revert_to is not None else spec.previous
     devices = dict(state.devices)
+    stuck: list[str] = []
     for d, s in devices.items():
-        r = ev.reports.get(d)
-        if s.status is DeviceStatus.PENDING or s.status is DeviceStatus.REVERTED:
+        if s.status in (DeviceStatus.PENDING, DeviceStatus.REVERTED):
             continue
+        if target is None or (s.committed and spec.revert_to is None):
+            stuck.append(d)
+            continue
+        r = ev.reports.get(d)
         if s.status is not DeviceStatus.REVERTING:
-            actions.append(Revert(d, spec.previous))
-            s = DeviceState(DeviceStatus.REVERTING, now, s.wave, f"was {s.status.value}")
+            actions.append(Revert(d, target))
+            s = replace(s, status=DeviceStatus.REVERTING, since=now, reason=f"was {s.status.value}")
         # back only on a report made after the revert was issued
-        if r is not None and r.running == spec.previous and (r.seen_at or -1.0) >= s.since:
-            s = replace(
-                s, status=DeviceStatus.REVERTED, since=now, reason=f"runs version {spec.previous}"
-            )
+        if r is not None and r.running == target and (r.seen_at or -1.0) >= s.since:
+            s = replace(s, status=DeviceStatus.REVERTED, since=now, reason=f"runs version {target}")
         devices[d] = s
     state = replace(state, devices=devices)
+    if stuck:
+        why = (
+            f"{len(stuck)} device(s) committed version {spec.version} and refuse a lower one: "
+            "the rollout has no revert_to (the previous payload re-released above it): "
+            + ", ".join(stuck[:5])
+            if target is not None
+            else "aborted, but there is no previous version to return devices to"
+        )
+        if state.status is not RolloutStatus.NEEDS_ATTENTION or state.reason != why:
+            _decision(actions, state, "needs-attention", reason=why)
+        return replace(state, status=RolloutStatus.NEEDS_ATTENTION, reason=why)
     reverting = [d for d, s in devices.items() if s.status is DeviceStatus.REVERTING]
     if not reverting:
         _decision(actions, state, "reverted", reason="every device that took the candidate runs "
-                  f"version {spec.previous} again")  # fmt: skip
+                  f"version {target}")  # fmt: skip
         return replace(state, status=RolloutStatus.REVERTED)
     late = [d for d in reverting if now - devices[d].since > spec.device_timeout_s]
     if late and state.status is not RolloutStatus.NEEDS_ATTENTION:
         names = ", ".join(late[:5])
-        why = f"{len(late)} device(s) not back on version {spec.previous} in time: {names}"
+        why = f"{len(late)} device(s) not on version {target} in time: {names}"
         _decision(actions, state, "needs-attention", reason=why)
         return replace(state, status=RolloutStatus.NEEDS_ATTENTION, reason=why)
     return state

@@ -112,6 +112,10 @@ class RolloutSpec:
     group: str
     previous: int | None  # the version devices return to on abort (None: nothing to revert to)
     strategy: Strategy = "canary"
+    # a published version above ``version`` carrying the previous model's payload (a
+    # re-release, signed like any version): devices that committed the candidate refuse
+    # anything below it (their rollback floor), so an abort sends them this one
+    revert_to: int | None = None
     waves: tuple[float, ...] = (5.0, 25.0, 100.0)
     soak_s: float = 600.0
     device_timeout_s: float = 1800.0
@@ -140,6 +144,14 @@ class RolloutSpec:
             or not 1 <= self.previous != self.version
         ):  # fmt: skip
             raise ConfigError("previous must be another positive version (or none)")
+        if self.revert_to is not None and (
+            isinstance(self.revert_to, bool) or not isinstance(self.revert_to, int)
+            or self.revert_to <= self.version
+        ):  # fmt: skip
+            raise ConfigError(
+                f"revert_to={self.revert_to!r} must be a version above {self.version} (the "
+                "previous payload re-released, so devices accept it under their rollback floor)"
+            )
         _bounded("rollout", "soak_s", self.soak_s, 0.0, 30 * 86_400.0)
         _bounded("rollout", "device_timeout_s", self.device_timeout_s, 10.0, 30 * 86_400.0)
         _bounded("rollout", "decision_deadline_s", self.decision_deadline_s, 10.0, 30 * 86_400.0)
@@ -151,6 +163,7 @@ class RolloutSpec:
             "group": self.group,
             "previous": self.previous,
             "strategy": self.strategy,
+            "revert_to": self.revert_to,
             "waves": list(self.waves),
             "soak_s": self.soak_s,
             "device_timeout_s": self.device_timeout_s,
@@ -176,6 +189,7 @@ class RolloutSpec:
                 group=str(d["group"]),
                 previous=d.get("previous"),
                 strategy=d.get("strategy", "canary"),
+                revert_to=d.get("revert_to"),
                 waves=tuple(d.get("waves", (5.0, 25.0, 100.0))),
                 soak_s=d.get("soak_s", 600.0),
                 device_timeout_s=d.get("device_timeout_s", 1800.0),

@@ -163,8 +163,9 @@ def test_drift_gate_and_combination() -> None:
 
 # ------------------------------------------------------------------ the core
 
+# version 4 is version 2's payload re-released above the candidate (the revert target)
 SPEC = RolloutSpec("fraud", 3, "g", 2, waves=(10, 50, 100), soak_s=60, device_timeout_s=300,
-                   decision_deadline_s=600)  # fmt: skip
+                   decision_deadline_s=600, revert_to=4)  # fmt: skip
 DEVICES = [(f"d{i}", "pi4") for i in range(10)]
 
 
@@ -245,14 +246,14 @@ def test_a_first_wave_failure_aborts_and_reverts(report: DeviceReport, status) -
     d = state.order[0]
     state, actions = step(SPEC, state, Evidence({d: report}), 400.0)
     assert state.status is RolloutStatus.ABORTING
-    assert [a for a in actions if isinstance(a, Revert)] == [Revert(d, 2)]
+    assert [a for a in actions if isinstance(a, Revert)] == [Revert(d, 4)]
     assert state.devices[d].status is DeviceStatus.REVERTING
     assert not any(isinstance(a, Assign) for a in actions)
     others = [x for x in state.order if x != d]
     assert all(state.devices[x].status is DeviceStatus.PENDING for x in others)  # never told
     stale, _ = step(SPEC, state, Evidence({d: report}), 410.0)  # no report since the revert
     assert stale.devices[d].status is DeviceStatus.REVERTING
-    back = {d: DeviceReport(d, 2, "committed", 420.0, seen_at=420.0)}
+    back = {d: DeviceReport(d, 4, "committed", 420.0, seen_at=420.0)}
     state, actions = step(SPEC, state, Evidence(back), 430.0)
     assert (
         state.status is RolloutStatus.REVERTED and state.devices[d].status is DeviceStatus.REVERTED
@@ -275,8 +276,8 @@ def test_a_worse_model_in_the_field_is_aborted_by_the_metric_gate() -> None:
     assert evaluations[-1]["verdict"] == "fail"
     metric = next(g for g in evaluations[-1]["gates"] if g["gate"] == "metric")
     assert metric["verdict"] == "fail" and metric["stats"]["difference"] < -0.1
-    reverted = {a.device_id for a in actions if isinstance(a, Revert)}
-    assert reverted == {state.order[0]}  # only the canary: wave 0 is one device
+    reverts = [a for a in actions if isinstance(a, Revert)]
+    assert reverts == [Revert(state.order[0], 4)]  # only the canary: wave 0 is one device
 
 
 def test_inconclusive_waits_then_pauses_at_the_deadline_and_resume_gives_a_new_one() -> None:
@@ -316,8 +317,23 @@ def test_a_revert_that_does_not_finish_needs_attention_and_can_still_end() -> No
     state, _ = step(SPEC, state, Evidence(), 1.0, "abort")
     state, _ = step(SPEC, state, Evidence({d: DeviceReport(d, 3)}), 400.0)
     assert state.status is RolloutStatus.NEEDS_ATTENTION and d in state.reason
-    state, _ = step(SPEC, state, Evidence({d: DeviceReport(d, 2, seen_at=450.0)}), 500.0)
+    state, _ = step(SPEC, state, Evidence({d: DeviceReport(d, 4, seen_at=450.0)}), 500.0)
     assert state.status is RolloutStatus.REVERTED
+
+
+def test_without_revert_to_devices_that_committed_need_attention() -> None:
+    spec = RolloutSpec("fraud", 3, "g", 2, waves=(20, 100), soak_s=60, device_timeout_s=300)
+    state, _ = step(spec, start(spec, "r", DEVICES, 0.0), Evidence(), 0.0)
+    a, b = state.order[:2]
+    reports = {a: DeviceReport(a, 3, "committed", 5.0), b: DeviceReport(b, 2, "rolled-back", 5.0)}
+    state, actions = step(spec, state, Evidence(reports), 10.0)  # b's failure aborts
+    assert state.devices[a].committed and not state.devices[b].committed
+    # b never committed: its floor is still 2, so it goes back to 2; a would refuse 2
+    assert [x for x in actions if isinstance(x, Revert)] == [Revert(b, 2)]
+    assert state.status is RolloutStatus.NEEDS_ATTENTION and a in state.reason
+    assert "revert_to" in state.reason
+    with pytest.raises(ConfigError, match="revert_to"):
+        RolloutSpec("fraud", 3, "g", 2, revert_to=3)
 
 
 def test_without_a_previous_version_an_abort_needs_attention() -> None:
