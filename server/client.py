@@ -344,6 +344,23 @@ class ApiClient:
         path = f"/models/{quote(model)}/retrain-policy"
         return cast(dict[str, Any], self.json("PUT", path, json=policy))
 
+    def start_rollout(self, spec: dict[str, Any]) -> dict[str, Any]:
+        """``POST /rollouts``."""
+        return cast(dict[str, Any], self.json("POST", "/rollouts", json=spec))
+
+    def rollouts(self, *, limit: int = 100) -> dict[str, Any]:
+        """``GET /rollouts``."""
+        return cast(dict[str, Any], self.json("GET", "/rollouts", params={"limit": limit}))
+
+    def rollout(self, rollout_id: str) -> dict[str, Any]:
+        """``GET /rollouts/{id}``."""
+        return cast(dict[str, Any], self.json("GET", f"/rollouts/{quote(rollout_id)}"))
+
+    def rollout_command(self, rollout_id: str, command: str) -> dict[str, Any]:
+        """``POST /rollouts/{id}/{command}`` (pause, resume, abort, promote)."""
+        path = f"/rollouts/{quote(rollout_id)}/{quote(command)}"
+        return cast(dict[str, Any], self.json("POST", path))
+
     def verify_audit(self) -> dict[str, Any]:
         """``GET /audit/verify``."""
         return cast(dict[str, Any], self.json("GET", "/audit/verify"))

@@ -374,3 +374,35 @@ class DesiredStateRow(Base):
     created_at: Mapped[datetime]
     created_by: Mapped[str] = mapped_column(String(128))
     published_at: Mapped[datetime | None]
+
+
+class Rollout(Base):
+    """A rollout: its spec and the decision core's persisted state (server.rollouts)."""
+
+    __tablename__ = "rollouts"
+    __table_args__ = (Index("ix_rollouts_status", "status"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    model_name: Mapped[str] = mapped_column(String(64))
+    model_version: Mapped[int] = mapped_column(BigInteger)
+    group_name: Mapped[str] = mapped_column(String(128))
+    spec: Mapped[dict[str, Any]]  # server.rollouts.spec.RolloutSpec.to_dict()
+    state: Mapped[dict[str, Any]]  # server.rollouts.policy.RolloutState.to_dict()
+    status: Mapped[str] = mapped_column(String(24))  # state["status"], for queries
+    command: Mapped[dict[str, Any] | None]  # {"command", "actor"}: taken by the next pass
+    created_by: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+
+
+class RolloutEvent(Base):
+    """A decision or gate evaluation of a rollout, with its evidence."""
+
+    __tablename__ = "rollout_events"
+    __table_args__ = (Index("ix_rollout_events_rollout", "rollout_id", "id"),)
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    rollout_id: Mapped[str] = mapped_column(String(32), ForeignKey("rollouts.id"))
+    kind: Mapped[str] = mapped_column(String(16))  # "decision" | "gates"
+    detail: Mapped[dict[str, Any]]
+    created_at: Mapped[datetime]

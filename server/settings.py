@@ -117,6 +117,9 @@ class Settings(BaseSettings):
         ),
     )
     telemetry_retention_days: int = Field(90, ge=1, le=36500, description="days kept")
+    rollout_interval_seconds: float = Field(
+        5.0, ge=0.1, le=3600.0, description="seconds between rollout reconcile passes"
+    )
     drift_interval_seconds: float = Field(
         300.0, ge=1.0, le=86400.0, description="seconds between drift evaluations (docs/drift.md)"
     )

@@ -40,6 +40,7 @@ from server.api.routes import (
     jobs,
     models,
     retrain,
+    rollouts,
     system,
     telemetry,
     tokens,
@@ -53,6 +54,7 @@ from server.trustcache import TrustRootCache
 from server.workers.drift import drift_loop
 from server.workers.jobs import JobWorker
 from server.workers.retention import retention_loop
+from server.workers.rollouts import rollout_loop
 
 __all__ = ["API_PREFIX", "create_app"]
 
@@ -94,6 +96,8 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> FastAPI:
         retention = retention_loop(factory, settings, worker.owner) if worker else None
         # Drift evaluation, likewise once per deployment (docs/drift.md).
         drift_eval = drift_loop(factory, settings, worker.owner) if worker else None
+        # The rollout controller, likewise (docs/rollouts.md).
+        controller = rollout_loop(factory, settings, worker.owner) if worker else None
         mqtt = None
         if settings.mqtt_enabled and settings.mqtt_url:
             from server.mqtt.service import MqttService
@@ -106,6 +110,8 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> FastAPI:
             retention.start()
         if drift_eval is not None:
             drift_eval.start()
+        if controller is not None:
+            controller.start()
         if mqtt is not None:
             mqtt.start()
         try:
@@ -113,6 +119,8 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> FastAPI:
         finally:
             if mqtt is not None:
                 mqtt.stop()
+            if controller is not None:
+                controller.stop()
             if drift_eval is not None:
                 drift_eval.stop()
             if retention is not None:
@@ -153,7 +161,19 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> FastAPI:
             409,
         )
 
-    for module in (tokens, models, jobs, devices, deployments, telemetry, drift, retrain, audit):
+    routers = (
+        tokens,
+        models,
+        jobs,
+        devices,
+        deployments,
+        telemetry,
+        drift,
+        retrain,
+        rollouts,
+        audit,
+    )
+    for module in routers:
         app.include_router(module.router, prefix=API_PREFIX)
     app.include_router(system.public_router)
     app.include_router(system.open_metrics_router if settings.metrics_public else system.router)

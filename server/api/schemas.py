@@ -495,3 +495,50 @@ class Liveness(BaseModel):
 
     status: Literal["ok"]
     schema_revision: str
+
+
+class RolloutCreate(BaseModel):
+    """A rollout to start (docs/rollouts.md); bounds are checked again by the core's spec."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$")
+    version: int = Field(ge=1, le=2**53)
+    group: str = Field(min_length=1, max_length=128)
+    strategy: Literal["canary", "all-at-once"] = "canary"
+    waves: list[float] = Field(default_factory=lambda: [5.0, 25.0, 100.0], max_length=20)
+    previous: int | None = Field(
+        None, ge=1, description="the version to return to (default: the group's current one)"
+    )
+    revert_to: int | None = Field(
+        None, ge=1, description="the previous payload re-released above the candidate"
+    )
+    soak_s: float = Field(600.0, ge=0, le=2_592_000, description="seconds of own telemetry")
+    device_timeout_s: float = Field(1800.0, ge=10, le=2_592_000, description="seconds")
+    decision_deadline_s: float = Field(3600.0, ge=10, le=2_592_000, description="seconds")
+    gates: dict[str, float | int | bool] = Field(default_factory=dict, max_length=32)
+
+
+class RolloutPublic(BaseModel):
+    id: str
+    model: str
+    version: int
+    group: str
+    status: str
+    wave: int
+    phase: str
+    reason: str
+    deadline: float | None
+    pending_command: dict[str, Any] | None
+    spec: dict[str, Any]
+    device_counts: dict[str, int]
+    devices: dict[str, dict[str, Any]]
+    gates: list[dict[str, Any]]
+    events: list[dict[str, Any]]
+    created_by: str
+    created_at: str
+    updated_at: str
+
+
+class RolloutList(BaseModel):
+    rollouts: list[RolloutPublic]

@@ -67,6 +67,7 @@ from server.cli.remote import (
     _tokens_revoke,
     client_args,
 )
+from server.cli.rollouts import add_rollout_parser
 
 __all__ = ["EXIT_TAMPERED", "add_parser", "uvicorn_config"]
 
@@ -76,6 +77,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_drift_parser(sub)
     add_alerts_parser(sub)
     add_retrain_parser(sub)
+    add_rollout_parser(sub)
     srv = sub.add_parser("server", help="run or bootstrap the edgefleet server")
     ssub = srv.add_subparsers(dest="server_command", metavar="VERB", required=True)
     run = ssub.add_parser("run", help="serve the REST API (uvicorn)")

@@ -54,6 +54,7 @@ from server.rollouts import gates as G
 from server.rollouts.spec import RolloutSpec
 
 __all__ = [
+    "TERMINAL",
     "Assign",
     "DeviceReport",
     "DeviceState",

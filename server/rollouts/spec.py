@@ -49,6 +49,8 @@ class GateSpec:
         metric_margin: non-inferiority margin of the labelled accuracy
             (canary minus control), as a share.
         min_labels: labels needed in each cohort for the metric gate.
+        metric: judge the labelled metric at all (off for models that get no
+            feedback labels: the gate would stay inconclusive).
         drift: fail the wave when the canaries' output drift alarms while
             the control's does not.
     """
@@ -63,6 +65,7 @@ class GateSpec:
     latency_min_ratio: float = 1.2
     metric_margin: float = 0.02
     min_labels: int = 100
+    metric: bool = True
     drift: bool = True
 
     def __post_init__(self) -> None:
@@ -77,8 +80,9 @@ class GateSpec:
         _bounded(o, "latency_min_ratio", self.latency_min_ratio, 1.0, 1000.0)
         _bounded(o, "metric_margin", self.metric_margin, 0.0, 1.0)
         _bounded(o, "min_labels", self.min_labels, 1, 10_000_000)
-        if not isinstance(self.drift, bool):
-            raise ConfigError(f"gates.drift={self.drift!r} must be true or false")
+        for name in ("metric", "drift"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"gates.{name}={getattr(self, name)!r} must be true or false")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

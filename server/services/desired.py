@@ -341,11 +341,14 @@ def assign(
     expires_days: int | None = None,
     actor: str,
     now: datetime | None = None,
+    commit: bool = True,
 ) -> DesiredStateRow:
-    """Sign and store the target's next desired state, and commit.
+    """Sign and store the target's next desired state, and commit (unless ``commit=False``).
 
     Args:
-        session: a fresh session (committed here).
+        session: a fresh session (committed here), or the caller's transaction
+            with ``commit=False`` (the rollout controller: the change and the
+            rollout's new state in one fenced transaction).
         settings: for the director keys, trust root and default lifetime.
         target: a device (must be enrolled) or a group (any valid name).
         model: model name; ``version`` its published version.
@@ -397,7 +400,8 @@ def assign(
         actor=actor,
         now=now,
     )
-    session.commit()
+    if commit:
+        session.commit()
     return stored
 
 

@@ -55,6 +55,10 @@ EXPECTED: dict[tuple[str, str], Permission | None] = {
     ("PUT", "/api/v1/models/{name}/retrain-policy"): P.OPERATE,
     ("GET", "/api/v1/retrain-requests"): P.READ,
     ("GET", "/api/v1/retrain-requests/{request_id}"): P.READ,
+    ("POST", "/api/v1/rollouts"): P.OPERATE,
+    ("GET", "/api/v1/rollouts"): P.READ,
+    ("GET", "/api/v1/rollouts/{rollout_id}"): P.READ,
+    ("POST", "/api/v1/rollouts/{rollout_id}/{command}"): P.OPERATE,
     ("GET", "/api/v1/audit"): P.ADMIN,
     ("GET", "/api/v1/audit/verify"): P.ADMIN,
 }
@@ -72,6 +76,8 @@ PARAMS = {
     "{job_id}": "0" * 32,
     "{group}": "grp-matrix",
     "{request_id}": "0" * 32,
+    "{rollout_id}": "0" * 32,
+    "{command}": "pause",
 }
 
 

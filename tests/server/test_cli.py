@@ -250,7 +250,7 @@ def test_server_init_creates_admin_token(tmp_path: Path, keys: Keys, capsys) -> 
     )
     assert main(["server", "init", "--config", str(config), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["token"].startswith("eft_") and out["schema_revision"] == "0005"
+    assert out["token"].startswith("eft_") and out["schema_revision"] == "0006"
     from server.api.app import create_app
     from server.settings import load_settings
 
@@ -334,3 +334,40 @@ def test_feedback_audit_through_the_api(live: LiveServer, capsys) -> None:
                      as_json=False)  # fmt: skip
     assert code == 0 and "label delay: p50 20.0 s, p90 60.0 s" in text
     assert "exploration holdout 1.0 (1 labels)" in text and "gap -1.0" in text
+
+
+def test_rollout_verbs_through_the_api(live: LiveServer, tmp_path: Path, capsys) -> None:
+    import time
+
+    from tests.server.conftest import run_jobs, upload
+    from tests.server.test_desired import _enroll
+
+    api = live.api
+    for v in (1, 2):
+        assert upload(api, "m", onnx_model(seed=v), version=v).status_code == 202
+    run_jobs(api)  # the live server's worker may take them first: wait for both
+    deadline = time.monotonic() + 60
+    while any(api.get(f"/api/v1/models/m/versions/{v}", role="viewer").json().get("status")
+              != "published" for v in (1, 2)):  # fmt: skip
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    for d in ("cam-1", "cam-2"):
+        _enroll(api, d, ["g"])
+    gates = tmp_path / "gates.json"
+    gates.write_text('{"min_devices": 1, "metric": false}')
+    code, out = run(capsys, live, "rollout", "start", "m", "2", "--group", "g", "--waves",
+                    "50,100", "--soak", "1m", "--gates", str(gates), role="operator")  # fmt: skip
+    assert code == 0, out
+    assert out["status"] == "running" and out["spec"]["soak_s"] == 60.0
+    assert out["spec"]["gates"]["metric"] is False and out["spec"]["waves"] == [50.0, 100.0]
+    code, shown = run(capsys, live, "rollout", "status", out["id"], role="viewer")
+    assert code == 0 and shown["id"] == out["id"]
+    code, listed = run(capsys, live, "rollout", "ls", role="viewer")
+    assert code == 0 and [r["id"] for r in listed["rollouts"]] == [out["id"]]
+    code, paused = run(capsys, live, "rollout", "pause", out["id"], role="operator")
+    assert code == 0 and paused["pending_command"]["command"] == "pause"
+    code, text = run(capsys, live, "rollout", "status", out["id"], role="viewer", as_json=False)
+    assert code == 0 and f"rollout {out['id']}" in text
+    code, err = run(capsys, live, "rollout", "start", "m", "2", "--group", "g", "--waves",
+                    "50,20", role="operator")  # fmt: skip
+    assert code == 1 and err["status"] == 422

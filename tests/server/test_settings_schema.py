@@ -23,8 +23,8 @@ def test_migrations_match_models(engine) -> None:
 
 
 def test_upgrade_is_idempotent_and_reports_head(engine) -> None:
-    assert upgrade_schema(engine) == "0005"
-    assert upgrade_schema(engine) == "0005"
+    assert upgrade_schema(engine) == "0006"
+    assert upgrade_schema(engine) == "0006"
 
 
 def test_schema_created_on_start(tmp_path: Path, keys: Keys) -> None:
@@ -122,4 +122,4 @@ def test_migrations_run_from_any_directory(tmp_path: Path) -> None:
         check=False,
     )
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "0005"
+    assert done.stdout.strip() == "0006"

@@ -146,6 +146,7 @@ def test_metric_gate_is_non_inferiority(canary, control, verdict) -> None:
     a = [DeviceStats(f"c{i}", 100, 0, 1.0, canary[0] // 5, canary[1] // 5) for i in range(5)]
     b = [DeviceStats(f"o{i}", 100, 0, 1.0, control[0] // 5, control[1] // 5) for i in range(5)]
     assert gates.metric(a, b, G).verdict is verdict
+    assert gates.metric(a, b, GateSpec(metric=False)).verdict is Verdict.PASS
 
 
 def test_drift_gate_and_combination() -> None:
