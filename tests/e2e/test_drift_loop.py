@@ -43,14 +43,17 @@ def fraud_example(work: Path) -> Path:
 class Traffic:
     """Predictions (and a label for some) on every device until stopped; shifts on demand."""
 
-    def __init__(self, fleet: Fleet, x: np.ndarray, labels: np.ndarray, column: int) -> None:
+    def __init__(
+        self, fleet: Fleet, x: np.ndarray, labels: np.ndarray, column: int,
+        devices: tuple[str, ...] = DEVICES,
+    ) -> None:  # fmt: skip
         self.fleet, self.x, self.labels, self.column = fleet, x, labels, column
         self.shifted: set[str] = set()
         self.shift = 3.0 * float(np.std(x[:, column]))
         self.errors: list[str] = []
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._run, args=(d, i), daemon=True)
-                         for i, d in enumerate(DEVICES)]  # fmt: skip
+                         for i, d in enumerate(devices)]  # fmt: skip
 
     def _run(self, device: str, seed: int) -> None:
         rng = np.random.default_rng(seed)

@@ -7,7 +7,7 @@ controller signs are the real ones. Runs on SQLite and PostgreSQL.
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 
 from sqlalchemy import select
 
@@ -17,7 +17,6 @@ from server.services import rollouts, telemetry
 from tests.server.conftest import Api
 from tests.server.test_desired import _enroll, _publish
 
-T0 = datetime.now(timezone.utc).replace(microsecond=0)
 DEVICES = [f"cam-{i}" for i in range(5)]
 
 
@@ -79,6 +78,7 @@ def test_a_good_rollout_takes_every_wave_through_signed_desired_states(api: Api)
     setup(api)
     ro = start(api)
     assert ro["status"] == "running" and ro["spec"]["previous"] == 1
+    T0 = datetime.fromisoformat(ro["created_at"])  # the rollout's clock starts here
     reconcile(api, T0)
     body = show(api, ro["id"])
     canary = [d for d, s in body["devices"].items() if s["status"] == "notified"]
@@ -114,6 +114,7 @@ def test_a_good_rollout_takes_every_wave_through_signed_desired_states(api: Api)
 def test_a_failed_canary_aborts_and_is_reverted_above_its_floor(api: Api) -> None:
     setup(api)
     ro = start(api)
+    T0 = datetime.fromisoformat(ro["created_at"])
     reconcile(api, T0)
     (canary,) = [d for d, s in show(api, ro["id"])["devices"].items() if s["status"] == "notified"]
     device_reports(api, canary, 1, "rolled-back", T0 + timedelta(seconds=5))
@@ -134,6 +135,7 @@ def test_a_failed_canary_aborts_and_is_reverted_above_its_floor(api: Api) -> Non
 def test_commands_are_taken_by_the_next_pass_and_checked(api: Api) -> None:
     setup(api)
     ro = start(api)
+    T0 = datetime.fromisoformat(ro["created_at"])
     reconcile(api, T0)
     r = api.post(f"/api/v1/rollouts/{ro['id']}/pause", role="operator")
     assert r.status_code == 200 and r.json()["pending_command"]["command"] == "pause"
