@@ -7,7 +7,8 @@
    goes to version 1's payload re-released as version 3, above the
    candidate, so its rollback floor is never lowered; the four other devices
    never get a desired state naming it and never run it.
-2. A good version then goes through every wave to every device.
+2. A good version then goes through every wave to every device, the server
+   SIGKILLed and restarted in its second wave.
 """
 
 from __future__ import annotations
@@ -111,13 +112,18 @@ def test_a_worse_model_is_aborted_and_reverted_then_a_good_one_goes_everywhere(
             assert floor(fleet, canary) == 3  # committed 2, then 3: never lowered
             for d in others:  # never told of version 2, never ran it
                 assert floor(fleet, d) == 1
-                assert not [t for t in fleet.telemetry(d) if (t.get("model") or {}).get(
-                    "version") == 2]  # fmt: skip
+                assert not [t for t in fleet.telemetry(d) if t["model_version"] == 2]
 
             ro2 = fleet.api("POST", "/rollouts", json={
                 "model": "fraud", "version": 4, "group": "demo", "waves": [20, 60, 100],
                 "soak_s": 2, "device_timeout_s": 60, "decision_deadline_s": 60,
                 "gates": gates})  # fmt: skip
+            # SIGKILL the server mid-rollout: the controller resumes from the stored state
+            path = f"/rollouts/{ro2['id']}"
+            wait_for("the good rollout in its second wave",
+                     lambda: fleet.api("GET", path)["wave"] >= 1, 120)  # fmt: skip
+            fleet.kill_server()
+            fleet.start_server()
             good = wait_for(
                 "the good rollout to finish",
                 lambda: (
