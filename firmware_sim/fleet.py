@@ -24,7 +24,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -418,6 +418,13 @@ port = {port}
                         self.broker.kill()
                         self.broker.wait(10)
                 self.broker = None
+
+    def start_all(self, devices: Iterable[str]) -> None:
+        """Start the server and the broker, then enroll and start an agent per device."""
+        self.start_server()
+        self.start_broker()
+        for device in devices:
+            self.start_agent(device, self.enroll(device)["mqtt_password"])
 
     def __enter__(self) -> Fleet:
         return self

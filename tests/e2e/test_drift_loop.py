@@ -118,10 +118,7 @@ def test_drift_on_real_agents_alarms_devices_then_the_fleet_and_fires_retraining
         agent_telemetry={"sample_rate": 0.2, "samples_per_window": 8},
     )
     with fleet:
-        fleet.start_server()
-        fleet.start_broker()
-        for device in DEVICES:
-            fleet.start_agent(device, fleet.enroll(device)["mqtt_password"])
+        fleet.start_all(DEVICES)
         fleet.publish_model(compressed / "model.onnx", "fraud", 1)
         fleet.api("PUT", "/models/fraud/retrain-policy",
                   json={"key_features": [feature["name"]], "on_outputs": False})  # fmt: skip

@@ -52,10 +52,7 @@ def test_update_and_telemetry_survive_a_server_sigkill_mid_download(tmp_path: Pa
         telemetry_window_s=0.5,
     )
     with fleet:
-        fleet.start_server()
-        fleet.start_broker()
-        for device in DEVICES:
-            fleet.start_agent(device, fleet.enroll(device)["mqtt_password"])
+        fleet.start_all(DEVICES)
         version = fleet.publish_model(model, "wide", 1)
         size = version["bundle"]["size"]
         assert size > 5 * RATE, size  # long enough for the kill to land mid-download

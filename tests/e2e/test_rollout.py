@@ -74,10 +74,7 @@ def test_a_worse_model_is_aborted_and_reverted_then_a_good_one_goes_everywhere(
                   telemetry_window_s=0.5)  # fmt: skip
     gates = {"min_devices": 1, "min_labels": 40}
     with fleet:
-        fleet.start_server()
-        fleet.start_broker()
-        for device in DEVICES:
-            fleet.start_agent(device, fleet.enroll(device)["mqtt_password"])
+        fleet.start_all(DEVICES)
         fleet.publish_model(compressed / "model.onnx", "fraud", 1)
         fleet.assign("fraud", 1)
         agents = fleet.agents.values()
