@@ -347,6 +347,7 @@ def export_arrays(
         inclusion_probability=np.asarray(chances, dtype=np.float64),
         exploration=np.asarray(explored, dtype=bool),
     )
+    ess = effective_sample_size(per_sample)
     stats = {
         "rows": rows,
         "labelled_rows": int(sum(labelled)),
@@ -354,10 +355,8 @@ def export_arrays(
         "inputs": sorted(columns),
         "exploration_rows": int(sum(explored)),
         # over the exported samples (a sample may hold several rows of a batch)
-        "effective_sample_size": effective_sample_size(per_sample)["effective_sample_size"],
-        "samples_without_probability": effective_sample_size(per_sample)[
-            "rows_without_probability"
-        ],
+        "effective_sample_size": ess["effective_sample_size"],
+        "samples_without_probability": ess["rows_without_probability"],
     }
     return arrays, stats
 

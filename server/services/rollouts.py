@@ -27,6 +27,7 @@ from __future__ import annotations
 import statistics
 import uuid
 from collections.abc import Mapping
+from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any
 
@@ -224,10 +225,7 @@ def evidence(
         acc["fb"] += list(record.get("feedback") or [])
     for d, end in until.items():
         if d in reports:
-            reports[d] = policy.DeviceReport(
-                d, reports[d].running, reports[d].update, reports[d].at, reports[d].reason, end,
-                reports[d].seen_at,
-            )  # fmt: skip
+            reports[d] = replace(reports[d], telemetry_until=end)
 
     def stats(d: str) -> G.DeviceStats:
         acc = per.get(d, {"p": 0, "e": 0, "p95": [], "fb": []})
