@@ -79,7 +79,17 @@ def test_update_and_telemetry_survive_a_server_sigkill_mid_download(tmp_path: Pa
             assert "download-failed" not in agent.kinds(), agent.kinds()
             code, out = agent.http("/v1/predict", {"inputs": {"x": [[0.1] * 192]}})
             assert code == 200, out
-        devices = {d["id"]: d for d in fleet.api("GET", "/devices")["devices"]}
+
+        # the server applies the agents' status messages as they arrive: wait for its view
+        def server_view() -> dict:
+            return {d["id"]: d for d in fleet.api("GET", "/devices")["devices"]}
+
+        def on_v1() -> bool:
+            view = server_view()
+            return all(view[d]["model_version"] == 1 for d in DEVICES)
+
+        wait_for("the server to see every device on wide v1", on_v1, 30)
+        devices = server_view()
         assert all(devices[d]["model"] == "wide" and devices[d]["model_version"] == 1
                    for d in DEVICES), devices  # fmt: skip
         time.sleep(1.0)  # a window with the predictions closes and is sent
